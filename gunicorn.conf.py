@@ -1,0 +1,29 @@
+"""gunicorn settings for the gateway: `gunicorn --config gunicorn.conf.py gateway:app`.
+
+Every knob comes from the environment so the image, compose and Kubernetes set them without
+rebuilding. The gateway mostly waits on the model tier (gRPC releases the GIL), so a few threaded
+workers per core serve it; the app itself sheds load past GATEWAY_MAX_INFLIGHT (see gateway.py).
+"""
+
+import os
+
+from contract import GATEWAY_PORT
+
+bind = os.environ.get("GATEWAY_BIND", f"0.0.0.0:{GATEWAY_PORT}")
+workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GATEWAY_THREADS", "8"))
+# A worker silent this long is restarted; well above the model deadline plus a slow fetch.
+timeout = int(os.environ.get("GATEWAY_WORKER_TIMEOUT", "60"))
+# On SIGTERM, requests already accepted get this long to finish (Kubernetes' grace period is longer).
+graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "25"))
+keepalive = 5
+# Fresh workers now and then keep memory from creeping; jitter avoids restarting all at once.
+max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "20000"))
+max_requests_jitter = max_requests // 10
+accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+errorlog = "-"
+loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+# Containers run with a read-only root filesystem: keep gunicorn's heartbeat files in memory.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
