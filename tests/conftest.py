@@ -1,0 +1,77 @@
+"""Fixtures shared by the suite: the stand-in model, its conversion by notebook 01, the photo dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from contract import MODEL_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+# The photos live beside the repository, never in it; CLOTHING_DATASET points elsewhere if needed.
+DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
+
+# Quiet TensorFlow's C++ start-up lines in this process and in every process the tests start.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def standin_h5(tmp_path_factory) -> Path:
+    """The course-shaped stand-in model, saved as Keras-2 HDF5 (see tests/standin.py)."""
+    from standin import save_standin_h5
+
+    return save_standin_h5(tmp_path_factory.mktemp("standin") / "standin.h5")
+
+
+@pytest.fixture(scope="session")
+def standin_keras(standin_h5):
+    """The stand-in loaded in-process with tf-keras: the reference for numeric comparisons."""
+    import tf_keras
+
+    return tf_keras.models.load_model(standin_h5, compile=False)
+
+
+@pytest.fixture(scope="session")
+def converted(standin_h5, tmp_path_factory) -> SimpleNamespace:
+    """Notebook 01 run by papermill on the stand-in, as `make model` runs it on the course model."""
+    import papermill
+
+    work = tmp_path_factory.mktemp("converted")
+    base = work / "models" / MODEL_NAME
+    executed = work / "01-convert-model.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "01-convert-model.ipynb"),
+        str(executed),
+        parameters={"model_h5": str(standin_h5), "output_base": str(base), "version": 1},
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return SimpleNamespace(base=base, version_dir=base / "1", notebook=executed, result=_result_of(executed))
+
+
+@pytest.fixture(scope="session")
+def model_base(converted) -> Path:
+    """A TF Serving base directory (<base>/1/saved_model.pb) holding the converted stand-in."""
+    return converted.base
+
+
+@pytest.fixture(scope="session")
+def dataset() -> Path:
+    if not (DATASET / "test").is_dir():
+        pytest.skip(f"the clothing photos are not at {DATASET} (set CLOTHING_DATASET to their folder)")
+    return DATASET
+
+
+def _result_of(executed_notebook: Path) -> dict:
+    """The value of the cell tagged `result` in an executed notebook (its text/plain repr)."""
+    import ast
+
+    cells = json.loads(executed_notebook.read_text())["cells"]
+    cell = next(c for c in cells if "result" in c.get("metadata", {}).get("tags", []))
+    text = "".join(next(o for o in cell["outputs"] if o.get("output_type") == "execute_result")["data"]["text/plain"])
+    return ast.literal_eval(text)

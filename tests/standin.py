@@ -1,0 +1,57 @@
+"""A small stand-in for the course model, built the way the course built xception_v4_large_08_0.894.h5.
+
+The course model is Xception (ImageNet weights, no top) used as a nested sub-model, then
+GlobalAveragePooling2D -> Dense(100, relu) -> Dropout(0.2) -> Dense(10), saved as HDF5 by TF 2.x
+Keras 2. Its input layer is `input_8` and its output layer `dense_7`. The stand-in keeps that
+structure, the names and the 299x299x3 input, with a few Xception-style blocks (entry conv, separable
+convolutions with batch norm, strided residual shortcuts) at a reduced width so the suite stays fast.
+It is saved with tf-keras (Keras 2), exactly as the course file was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+
+
+def build_standin(width: int = 8, seed: int = 7):
+    """The stand-in as a tf-keras (Keras 2) model with random weights."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    shape = (IMAGE_SIZE[1], IMAGE_SIZE[0], 3)
+
+    base_in = keras.Input(shape=shape)
+    x = layers.Conv2D(width, 3, strides=2, use_bias=False)(base_in)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("relu")(x)
+    for filters in (2 * width, 4 * width):
+        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
+        shortcut = layers.BatchNormalization()(shortcut)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = layers.add([x, shortcut])
+    base_model = keras.Model(base_in, x, name="xception")
+    base_model.trainable = False
+
+    inputs = keras.Input(shape=shape, name=INPUT_NAME)
+    base = base_model(inputs, training=False)
+    vectors = layers.GlobalAveragePooling2D()(base)
+    inner = layers.Dense(100, activation="relu")(vectors)
+    drop = layers.Dropout(0.2)(inner)
+    outputs = layers.Dense(10, name=OUTPUT_NAME)(drop)
+    return keras.Model(inputs, outputs)
+
+
+def save_standin_h5(path: Path, width: int = 8) -> Path:
+    """Build the stand-in and save it as Keras-2 HDF5 at `path`."""
+    model = build_standin(width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path, save_format="h5")
+    return path
