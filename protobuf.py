@@ -14,8 +14,7 @@ TensorFlow (the tests do) without a clash in the default pool.
 from __future__ import annotations
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf import any_pb2, wrappers_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -141,7 +140,9 @@ def _build_pool():
     )
     pool.Add(framework)
 
-    serving = descriptor_pb2.FileDescriptorProto(name="clothing/tensorflow_serving_apis.proto", package="tensorflow.serving")
+    serving = descriptor_pb2.FileDescriptorProto(
+        name="clothing/tensorflow_serving_apis.proto", package="tensorflow.serving"
+    )
     serving.syntax = "proto3"
     serving.dependency.extend(
         ["google/protobuf/any.proto", "google/protobuf/wrappers.proto", "clothing/tensorflow_framework.proto"]
@@ -233,6 +234,8 @@ GetModelMetadataResponse = _message_class("tensorflow.serving.GetModelMetadataRe
 SignatureDefMap = _message_class("tensorflow.serving.SignatureDefMap")
 GetModelStatusRequest = _message_class("tensorflow.serving.GetModelStatusRequest")
 GetModelStatusResponse = _message_class("tensorflow.serving.GetModelStatusResponse")
+ModelVersionStatus = _message_class("tensorflow.serving.ModelVersionStatus")
+StatusProto = _message_class("tensorflow.serving.StatusProto")
 
 
 def dtype_of(data_type: int) -> np.dtype:
