@@ -49,3 +49,68 @@ test: $(ENV_STAMP) ## Run the whole test suite (offline; tests needing Docker, a
 lint: $(ENV_STAMP) ## ruff on the code and notebooks, hadolint on the Dockerfiles
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) hadolint dockerfiles/*.dockerfile
+
+# ---- containers and compose ----------------------------------------------------------------------
+
+MODEL_IMAGE ?= zoomcamp-10-model:xception-v4-001
+MODEL_GPU_IMAGE ?= $(MODEL_IMAGE)-gpu
+GATEWAY_IMAGE ?= zoomcamp-10-gateway:001
+# The compose plugin or the standalone docker-compose, whichever answers (empty if neither).
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || { command -v docker-compose >/dev/null 2>&1 && echo docker-compose; })
+COMPOSE_GPU ?=
+COMPOSE_FILES := -f docker-compose.yaml $(if $(COMPOSE_GPU),-f docker-compose.gpu.yaml)
+COMPOSE_ENV = MODEL_IMAGE=$(MODEL_IMAGE) MODEL_GPU_IMAGE=$(MODEL_GPU_IMAGE) GATEWAY_IMAGE=$(GATEWAY_IMAGE)
+# A hung engine should not hang make (macOS has no `timeout`; there it is skipped).
+TIMEOUT := $(if $(shell command -v timeout 2>/dev/null),timeout 20)
+
+# Waits until the gateway at argv[1] is ready (up to argv[2] seconds), then sends the course's request.
+define GATEWAY_SMOKE_PY
+import json, sys, time, urllib.request
+
+base, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        urllib.request.urlopen(base + "/readyz", timeout=5)
+        break
+    except OSError as exc:  # refused, or 503 until the model is AVAILABLE
+        if time.monotonic() > deadline:
+            sys.exit(f"gateway at {base} is not ready: {exc}")
+        time.sleep(2)
+body = json.dumps({"url": "http://bit.ly/mlbookcamp-pants"}).encode()
+request = urllib.request.Request(base + "/predict", data=body, headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=60) as response:
+    print(json.dumps(json.load(response), indent=2))
+endef
+export GATEWAY_SMOKE_PY
+
+.PHONY: build build-gpu compose-up compose-down compose-test _need-model _need-docker _need-compose
+
+_need-model:
+	@test -f $(MODEL_BASE)/$(MODEL_VERSION)/saved_model.pb || { \
+	  echo "No SavedModel at $(MODEL_BASE)/$(MODEL_VERSION)/saved_model.pb: run \`make model\` first." >&2; exit 1; }
+
+_need-docker:
+	@command -v docker >/dev/null 2>&1 || { echo "docker: command not found. Install Docker to build and run the images." >&2; exit 1; }
+	@$(TIMEOUT) docker info >/dev/null 2>&1 || { echo "No Docker engine answers (\`docker info\` failed): start Docker, then try again." >&2; exit 1; }
+
+_need-compose: _need-docker
+	@test -n "$(COMPOSE)" || { echo "Docker Compose not found: neither \`docker compose\` nor \`docker-compose\` works. Install the compose plugin." >&2; exit 1; }
+
+build: _need-model _need-docker ## Build the model and gateway images (MODEL_IMAGE, GATEWAY_IMAGE; after `make model`)
+	docker build -f dockerfiles/image-model.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_IMAGE) .
+	docker build -f dockerfiles/image-gateway.dockerfile -t $(GATEWAY_IMAGE) .
+
+build-gpu: _need-model _need-docker ## Build the GPU model image (MODEL_GPU_IMAGE) on TF Serving's CUDA build
+	docker build -f dockerfiles/image-model-gpu.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_GPU_IMAGE) .
+
+compose-up: _need-compose build $(if $(COMPOSE_GPU),build-gpu) ## Start model + gateway, wait until healthy (COMPOSE_GPU=1: GPU model; MODEL_BATCHING=1)
+	$(COMPOSE_ENV) $(COMPOSE) $(COMPOSE_FILES) up -d --wait
+
+compose-down: _need-compose ## Stop and remove the compose services
+	$(COMPOSE_ENV) $(COMPOSE) $(COMPOSE_FILES) down
+
+compose-test: _need-compose $(ENV_STAMP) ## Send the course's pants request to the composed gateway on localhost:9696 and print the answer
+	@$(COMPOSE_ENV) $(COMPOSE) $(COMPOSE_FILES) ps --status running --services | grep -qx gateway || { \
+	  echo "The gateway is not running: \`make compose-up\` first." >&2; exit 1; }
+	$(RUN) python -c "$$GATEWAY_SMOKE_PY" http://localhost:$(GATEWAY_PORT) 180
