@@ -22,7 +22,9 @@ GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 GATEWAY_PORT ?= 9696
 
-.PHONY: help setup model test lint
+GATEWAY_PY ?= gateway.py
+
+.PHONY: help setup model convert test lint
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +44,15 @@ model: $(ENV_STAMP) ## Convert the course model to a SavedModel in models/clothi
 	@mkdir -p build/notebooks
 	$(RUN) papermill notebooks/01-convert-model.ipynb build/notebooks/01-convert-model.ipynb \
 	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) --cwd .
+
+# ---- gateway ------------------------------------------------------------------------------------
+
+convert: $(ENV_STAMP) ## Write gateway.py from the cells of notebooks/02 tagged `gateway` (nbconvert)
+	@tmp=$$(mktemp -d) && \
+	$(RUN) jupyter nbconvert notebooks/02-tf-serving-connect.ipynb --to python \
+	  --template-file notebooks/gateway.py.j2 --output-dir $$tmp --output gateway --log-level WARN && \
+	$(RUN) ruff format --quiet --config line-length=120 $$tmp/gateway.py && \
+	mv $$tmp/gateway.py $(GATEWAY_PY) && rmdir $$tmp && echo "wrote $(GATEWAY_PY)"
 
 test: $(ENV_STAMP) ## Run the whole test suite (offline; tests needing Docker, a cluster or the internet skip)
 	$(RUN) pytest
