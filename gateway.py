@@ -130,6 +130,8 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise GatewayError(415, "unsupported_media_type", "the data is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:  # an image type, but a broken header
+        raise GatewayError(422, "undecodable_image", f"the image could not be decoded: {error}") from None
     width, height = image.size
     if width * height > settings.max_image_pixels:
         raise GatewayError(

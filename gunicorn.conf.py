@@ -27,3 +27,10 @@ errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 # Containers run with a read-only root filesystem: keep gunicorn's heartbeat files in memory.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn heartbeat only)
+
+
+def on_starting(server):
+    """The gateway's own log lines (errors with their request id, the discovered signature) to stderr."""
+    import logging
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,78 @@
+"""Run the gateway under gunicorn for a test, exactly as production runs it, and always stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_gateway(tf_serving_host: str, log_dir: Path, *, workers: int = 1, threads: int = 8, **env: str):
+    """gunicorn --config gunicorn.conf.py gateway:app on a free port; yields once /healthz answers."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "TF_SERVING_HOST": tf_serving_host,
+        "GATEWAY_BIND": f"127.0.0.1:{port}",
+        "GATEWAY_WORKERS": str(workers),
+        "GATEWAY_THREADS": str(threads),
+        "GATEWAY_ACCESS_LOG": "-",
+        **env,
+    }
+    log_path = Path(log_dir) / f"gateway-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "gateway:app"],
+            cwd=ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gateway = RunningGateway(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{gateway.log()}")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{gateway.url}/healthz", timeout=1).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not answer /healthz within 30 s:\n{gateway.log()}")
+            time.sleep(0.1)
+        yield gateway
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,173 @@
+"""Gateway -> model server -> SavedModel, for real: gunicorn, gRPC, the converted stand-in, dataset photos."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+import gateway
+from conftest import ROOT
+from contract import CLASSES, IMAGE_SIZE
+from gateways import free_port, running_gateway
+from servers import running_model_server
+
+PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
+
+
+@pytest.fixture(scope="module")
+def model_server(model_base):
+    with running_model_server(model_base, rest_api_port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def photos(dataset):
+    """The dataset folder over HTTP on 127.0.0.1, as a stranger's image host."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(model_server, tmp_path_factory):
+    with running_gateway(
+        model_server.grpc_target, tmp_path_factory.mktemp("gateway"), FETCH_ALLOW_HOSTS="127.0.0.1"
+    ) as gw:
+        yield gw
+
+
+def _keras_logits(standin_keras, paths):
+    from keras_image_helper import create_preprocessor
+
+    preprocessor = create_preprocessor("xception", target_size=IMAGE_SIZE)
+    batch = np.concatenate([preprocessor.from_path(str(p)) for p in paths])
+    return standin_keras(batch, training=False).numpy()
+
+
+def test_the_course_request_works_unchanged(served, photos, dataset, standin_keras):
+    answer = requests.post(f"{served.url}/predict", json={"url": f"{photos}/{PANTS}"}, timeout=30).json()
+    assert list(answer) == list(CLASSES)
+    expected = _keras_logits(standin_keras, [dataset / PANTS])[0]
+    np.testing.assert_allclose(list(answer.values()), expected, atol=1e-4)
+
+
+def test_a_batch_of_dataset_photos_equals_in_process_keras(served, dataset, standin_keras):
+    paths = [sorted((dataset / "validation" / name).glob("*.jpg"))[0] for name in CLASSES[:8]]
+    files = {f"image{i}": (p.name, p.read_bytes(), "image/jpeg") for i, p in enumerate(paths)}
+    response = requests.post(f"{served.url}/predict", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    got = np.array([list(p.values()) for p in response.json()["predictions"]])
+    np.testing.assert_allclose(got, _keras_logits(standin_keras, paths), atol=1e-4)
+
+
+def test_ready_and_request_id_under_gunicorn(served):
+    ready = requests.get(f"{served.url}/readyz", timeout=5)
+    assert ready.status_code == 200 and "AVAILABLE" in ready.json()["detail"]
+    bad = requests.post(f"{served.url}/predict", json={"url": "http://10.0.0.1/x.jpg"}, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "url_blocked"
+    assert bad.headers["X-Request-ID"] in served.log()
+
+
+def test_the_gateway_never_loads_tensorflow(model_server, dataset):
+    code = f"""
+import sys
+import gateway
+app = gateway.create_app(gateway.Settings(tf_serving_host={model_server.grpc_target!r}))
+data = open({str(dataset / PANTS)!r}, "rb").read()
+response = app.test_client().post("/predict", data=data, content_type="image/jpeg")
+assert response.status_code == 200, response.get_data(as_text=True)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_serving", "keras", "tf_keras")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_model_server_down_gives_503_fast_and_recovers_without_gateway_restart(model_base, dataset, tmp_path):
+    port = free_port()
+    data = (dataset / PANTS).read_bytes()
+    headers = {"Content-Type": "image/jpeg"}
+    with (
+        running_model_server(model_base, port=port, rest_api_port=0) as first,
+        running_gateway(f"127.0.0.1:{port}", tmp_path, PREDICT_TIMEOUT_SECONDS="3") as gw,
+    ):
+        assert requests.post(f"{gw.url}/predict", data=data, headers=headers, timeout=10).status_code == 200
+        first.stop()
+        started = time.monotonic()
+        down = requests.post(f"{gw.url}/predict", data=data, headers=headers, timeout=10)
+        assert down.status_code in (503, 504) and time.monotonic() - started < 3.5
+        assert down.json()["error"]["code"] in ("model_unavailable", "model_timeout")
+        assert requests.get(f"{gw.url}/readyz", timeout=5).status_code == 503
+        pid = gw.process.pid
+        with running_model_server(model_base, port=port, rest_api_port=0):
+            deadline = time.monotonic() + 30
+            while (
+                status := requests.post(f"{gw.url}/predict", data=data, headers=headers, timeout=10).status_code
+            ) != 200 and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert status == 200
+            assert gw.process.pid == pid and gw.process.poll() is None
+
+
+def _export_with_names(keras_model, base, version, input_name, output_name):
+    import tensorflow as tf
+
+    class Renamed(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = keras_model
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, IMAGE_SIZE[1], IMAGE_SIZE[0], 3], tf.float32, name=input_name)]
+        )
+        def serve(self, images):
+            return {output_name: self.model(images, training=False)}
+
+    module = Renamed()
+    tf.saved_model.save(module, str(base / str(version)), signatures={"serving_default": module.serve})
+
+
+def test_tensor_names_are_discovered_from_model_metadata(standin_keras, dataset, tmp_path):
+    base = tmp_path / "renamed"
+    _export_with_names(standin_keras, base, 1, "images", "scores")
+    with running_model_server(base, rest_api_port=0) as server:
+        client = gateway.ModelClient(gateway.Settings(tf_serving_host=server.grpc_target))
+        assert client.tensor_names() == ("images", "scores")
+        app = gateway.create_app(gateway.Settings(tf_serving_host=server.grpc_target), client=client)
+        answer = app.test_client().post("/predict", data=(dataset / PANTS).read_bytes(), content_type="image/jpeg")
+    assert answer.status_code == 200
+    np.testing.assert_allclose(
+        list(answer.get_json().values()), _keras_logits(standin_keras, [dataset / PANTS])[0], atol=1e-4
+    )
+
+
+def test_several_model_servers_share_the_requests_round_robin(model_base, dataset, tmp_path):
+    second = tmp_path / "second"
+    shutil.copytree(model_base / "1", second / "2")  # the same model as version 2, to tell the servers apart
+    data = (dataset / PANTS).read_bytes()
+    with running_model_server(model_base, rest_api_port=0) as one, running_model_server(second, rest_api_port=0) as two:
+        target = f"ipv4:{one.grpc_target},{two.grpc_target}"
+        app = gateway.create_app(gateway.Settings(tf_serving_host=target))
+        versions = [
+            app.test_client()
+            .post("/predict?detail=1", data=data, content_type="image/jpeg")
+            .get_json()["model"]["version"]
+            for _ in range(12)
+        ]
+    assert set(versions) == {1, 2}
+    assert abs(versions.count(1) - versions.count(2)) <= 2
