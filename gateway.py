@@ -181,10 +181,12 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 5000),
 ]
+# After UNAVAILABLE, how long one more try may wait for a connection (within the request's deadline).
+_RECONNECT_WAIT = 2.0
 
 
 @dataclass
@@ -215,6 +217,26 @@ class ModelClient:
             path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
         )
 
+    def _call(self, method, message, timeout: float):
+        """One RPC with a deadline. A channel that is between reconnect attempts (a model server that just
+        started or restarted) fails calls at once; so after UNAVAILABLE, try once more, waiting for the
+        connection for up to _RECONNECT_WAIT seconds. If that fails too, the first error stands (503)."""
+        deadline = time.monotonic() + timeout
+        try:
+            return method(message, timeout=timeout)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            wait = min(deadline - time.monotonic(), _RECONNECT_WAIT)
+            if wait <= 0:
+                raise
+            try:
+                return method(message, timeout=wait, wait_for_ready=True)
+            except grpc.RpcError as retry_error:
+                if retry_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise error from None
+                raise
+
     def _spec(self, message):
         message.model_spec.name = self.settings.model_name
         message.model_spec.signature_name = self.settings.signature_name
@@ -233,7 +255,7 @@ class ModelClient:
         request = self._spec(protobuf.GetModelMetadataRequest())
         request.metadata_field.append("signature_def")
         try:
-            response = self._metadata(request, timeout=self.settings.predict_timeout)
+            response = self._call(self._metadata, request, self.settings.predict_timeout)
         except grpc.RpcError as error:
             raise model_error(error, self.target) from None
         signatures = protobuf.SignatureDefMap.FromString(response.metadata["signature_def"].value).signature_def
@@ -264,7 +286,7 @@ class ModelClient:
         request.inputs[input_name].CopyFrom(protobuf.np_to_protobuf(batch))
         request.output_filter.append(output_name)
         try:
-            response = self._predict(request, timeout=self.settings.predict_timeout)
+            response = self._call(self._predict, request, self.settings.predict_timeout)
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 with self._names_lock:

@@ -1,0 +1,224 @@
+"""Both tiers on this machine, without Docker: the local model server and the gateway under gunicorn.
+
+    python local_stack.py demo    # start both, classify the pants photo, print the answer, stop both
+    python local_stack.py serve   # start both and keep them running until Ctrl-C
+
+`make demo` and `make serve` run these after making sure the SavedModel exists (`make model`).
+Whatever happens (success, an error, Ctrl-C, SIGTERM), every process this script started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from contract import GATEWAY_PORT, GRPC_PORT, MODEL_BASE_PATH, MODEL_NAME, REST_PORT
+
+ROOT = Path(__file__).resolve().parent
+PANTS_PHOTO = ROOT.parent / "shared/data/clothing-dataset-small/test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
+PANTS_URL = "http://bit.ly/mlbookcamp-pants"  # the course's example, used when the dataset is not beside the repo
+
+
+class StackError(Exception):
+    """Something the person running the stack can fix; the message says what."""
+
+
+def say(message: str) -> None:
+    print(f"[local-stack] {message}", flush=True)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))  # noqa: S104 (the servers bind all interfaces; check the same)
+        except OSError:
+            return False
+        return True
+
+
+def has_version(model_base: Path) -> bool:
+    return any(p.name.isdigit() and (p / "saved_model.pb").is_file() for p in model_base.glob("*"))
+
+
+class Stack:
+    """The started processes, each in its own session so one Ctrl-C is handled here, in order."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.processes: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.processes.append((name, process, log_path))
+        return process
+
+    def check_alive(self) -> None:
+        for name, process, log_path in self.processes:
+            if process.poll() is not None:
+                raise StackError(f"the {name} exited with code {process.returncode}:\n{tail(log_path)}")
+
+    def stop(self) -> None:
+        """Gateway first (it stops taking requests), then the model server; SIGTERM, then SIGKILL after 30 s."""
+        for name, process, _ in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    say(f"the {name} did not stop within 30 s: killing it")
+                    process.kill()
+                    process.wait()
+        self.processes.clear()
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_ready(stack: Stack, gateway_url: str, timeout: float) -> dict:
+    """Poll the gateway's /readyz until the model is AVAILABLE behind it."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            with urllib.request.urlopen(f"{gateway_url}/readyz", timeout=2) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            last = json.load(error).get("error", {}).get("message", str(error))
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.5)
+    raise StackError(f"the stack was not ready within {timeout:.0f} s: {last}")
+
+
+def classify(gateway_url: str, photo: Path | None) -> dict:
+    """The pants photo through the gateway: uploaded from the dataset, else the course's URL request."""
+    if photo is not None and photo.is_file():
+        request = urllib.request.Request(
+            f"{gateway_url}/predict?detail=1&top_k=3",
+            data=photo.read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        source = photo.name
+    else:
+        request = urllib.request.Request(
+            f"{gateway_url}/predict?detail=1&top_k=3",
+            data=json.dumps({"url": PANTS_URL}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        source = PANTS_URL
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        raise StackError(f"the gateway answered {error.code}: {error.read().decode(errors='replace')}") from None
+    answer["source"] = source
+    return answer
+
+
+def show(answer: dict) -> None:
+    prediction = answer["predictions"][0]
+    say(f"classified {answer['source']} with {answer['model']['name']} version {answer['model']['version']}")
+    for rank, top in enumerate(prediction["top"], 1):
+        logit = prediction["logits"][top["class"]]
+        print(f"  {rank}. {top['class']:<11} probability {top['probability']:.3f}  (logit {logit:+.3f})")
+    print("  the course's answer, {class: logit}:", json.dumps(prediction["logits"]))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["demo", "serve"])
+    parser.add_argument("--model-base", type=Path, default=ROOT / MODEL_BASE_PATH)
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", GRPC_PORT)))
+    parser.add_argument("--rest-port", type=int, default=int(os.environ.get("REST_PORT", REST_PORT)))
+    parser.add_argument("--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", GATEWAY_PORT)))
+    parser.add_argument("--photo", type=Path, default=PANTS_PHOTO, help="photo to classify in the demo")
+    parser.add_argument("--ready-timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+
+    # Ctrl-C and SIGTERM both end in the `finally` below, which stops every started process.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="local-stack-") as log_dir:
+        stack = Stack(Path(log_dir))
+        try:
+            return run(args, stack)
+        except StackError as error:
+            say(f"error: {error}")
+            return 1
+        except KeyboardInterrupt:
+            say("stopping")
+            return 0
+        finally:
+            stack.stop()
+            say("stopped the model server and the gateway")
+
+
+def run(args, stack: Stack) -> int:
+    if not has_version(args.model_base):
+        raise StackError(f"no SavedModel version under {args.model_base}: run `make model` first")
+    for name, port in (("gRPC", args.grpc_port), ("REST", args.rest_port), ("gateway", args.gateway_port)):
+        if not port_is_free(port):
+            raise StackError(
+                f"port {port} ({name}) is in use: is `make serve` already running? "
+                "Stop it, or choose other ports: make demo GRPC_PORT=… REST_PORT=… GATEWAY_PORT=…"
+            )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    ports = f"gRPC :{args.grpc_port}, REST :{args.rest_port}"
+    say(f"starting the model server: {MODEL_NAME} from {args.model_base}, {ports}")
+    stack.start(
+        "model server",
+        [
+            sys.executable,
+            "model_server.py",
+            f"--port={args.grpc_port}",
+            f"--rest_api_port={args.rest_port}",
+            f"--model_name={MODEL_NAME}",
+            f"--model_base_path={args.model_base.resolve()}",
+        ],
+        env,
+    )
+    gateway_url = f"http://localhost:{args.gateway_port}"
+    say(f"starting the gateway: gunicorn on :{args.gateway_port} -> model at localhost:{args.grpc_port}")
+    stack.start(
+        "gateway",
+        [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "gateway:app"],
+        {**env, "TF_SERVING_HOST": f"localhost:{args.grpc_port}", "GATEWAY_BIND": f"0.0.0.0:{args.gateway_port}"},
+    )
+    ready = wait_until_ready(stack, gateway_url, args.ready_timeout)
+    say(f"ready: {ready['model']} {ready['detail']}")
+    if args.command == "demo":
+        show(classify(gateway_url, args.photo))
+        return 0
+    say(f"serving on {gateway_url} (Ctrl-C stops both tiers). Try:")
+    print(
+        f"""  curl -s -X POST {gateway_url}/predict -H 'Content-Type: application/json' -d '{{"url": "{PANTS_URL}"}}'"""
+    )
+    print(f"  curl -s -X POST {gateway_url}/predict -F image=@photo.jpg")
+    print(f"  curl -s {gateway_url}/metrics | grep gateway_")
+    while True:
+        stack.check_alive()
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`make demo` and `make serve`: both tiers start, answer, and stop completely, also on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import ROOT
+from gateways import free_port
+
+PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
+
+
+def _command(kind, model_base, ports, *extra):
+    grpc, rest, gateway = ports
+    return [
+        sys.executable,
+        "local_stack.py",
+        kind,
+        f"--model-base={model_base}",
+        f"--grpc-port={grpc}",
+        f"--rest-port={rest}",
+        f"--gateway-port={gateway}",
+        *extra,
+    ]
+
+
+def _descendants_alive(process: psutil.Process) -> list[psutil.Process]:
+    return [p for p in process.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _listening(ports) -> set[int]:
+    return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port in ports}
+
+
+@pytest.fixture
+def ports():
+    return free_port(), free_port(), free_port()
+
+
+def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, dataset, ports):
+    done = subprocess.run(
+        _command("demo", model_base, ports, f"--photo={dataset / PANTS}"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "classified 4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg with clothing-model version 1" in done.stdout
+    assert "  1. " in done.stdout and "  3. " in done.stdout
+    answer = json.loads(done.stdout.split("{class: logit}: ", 1)[1].splitlines()[0])
+    assert list(answer) == [
+        "dress",
+        "hat",
+        "longsleeve",
+        "outwear",
+        "pants",
+        "shirt",
+        "shoes",
+        "shorts",
+        "skirt",
+        "t-shirt",
+    ]
+    assert "stopped the model server and the gateway" in done.stdout
+    assert not _listening(set(ports))
+
+
+def test_serve_stops_both_tiers_on_ctrl_c(model_base, ports):
+    process = subprocess.Popen(_command("serve", model_base, ports), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:
+            if "serving on" in line or time.monotonic() > deadline:
+                break
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/readyz", timeout=5) as response:
+            assert json.load(response)["status"] == "ready"
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 2  # the model server and gunicorn (with its worker)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        psutil.wait_procs(children, timeout=10)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not _listening(set(ports))
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_missing_model_and_busy_ports_are_explained(tmp_path, model_base, ports):
+    missing = subprocess.run(_command("demo", tmp_path / "nothing", ports), cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "run `make model` first" in missing.stdout
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", ports[0]))
+        busy.listen()
+        taken = subprocess.run(_command("demo", model_base, ports), cwd=ROOT, capture_output=True, text=True)
+    assert taken.returncode == 1 and f"port {ports[0]} (gRPC) is in use" in taken.stdout
