@@ -9,7 +9,9 @@ export PIPENV_VENV_IN_PROJECT := 1
 export PIPENV_IGNORE_VIRTUALENVS := 1
 export PIPENV_VERBOSITY := -1
 export PIPENV_NOSPIN := 1
-PIPENV := $(PYTHON) -m pipenv
+# pipenv from this Python when it has it, else from a private venv (works where pip --user is refused, PEP 668).
+PIPENV_TOOL := .tools/pipenv
+PIPENV := $(shell $(PYTHON) -m pipenv --version >/dev/null 2>&1 && echo "$(PYTHON) -m pipenv" || echo "$(PIPENV_TOOL)/bin/pipenv")
 RUN := $(PIPENV) run
 ENV_STAMP := .venv/.synced-$(shell sha256sum Pipfile.lock 2>/dev/null | cut -c1-12)
 
@@ -34,9 +36,9 @@ help: ## Show the targets
 setup: $(ENV_STAMP) ## Install pipenv if missing, then the locked environment (.venv)
 
 $(ENV_STAMP): Pipfile.lock
-	@$(PYTHON) -m pipenv --version >/dev/null 2>&1 || { \
-	  echo "pipenv not found: installing it for $(PYTHON) (pip --user)"; \
-	  $(PYTHON) -m pip install --user --quiet pipenv || $(PYTHON) -m pip install --quiet pipenv; }
+	@$(PIPENV) --version >/dev/null 2>&1 || { \
+	  echo "pipenv not found: installing it into $(PIPENV_TOOL) (a venv of its own)"; \
+	  $(PYTHON) -m venv $(PIPENV_TOOL) && $(PIPENV_TOOL)/bin/pip install --quiet pipenv; }
 	$(PIPENV) sync --dev
 	@rm -f .venv/.synced-*; touch $@
 
