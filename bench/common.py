@@ -1,0 +1,129 @@
+"""What every benchmark here shares: the machine's description, percentiles, targets and markdown tables.
+
+Importing this module also puts the repository root and tests/ on sys.path, so a benchmark run as
+`python bench/<name>.py` imports the gateway, the contract and the tests' server runners as the tests do.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    # The installed version, read without importing the package (importing TensorFlow takes seconds).
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def machine() -> dict:
+    """The machine and software a benchmark ran on, for its report (the keys bench_model_server.py uses, and more)."""
+    import psutil
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "gpu": "NVIDIA device present" if os.path.exists("/dev/nvidia0") else "none visible",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tensorflow": _version("tensorflow"),
+        "grpcio": _version("grpcio"),
+        "commit": _git_commit(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def machine_line(m: dict) -> str:
+    """One line for a report; takes what a benchmark recorded, so older or partial records still print."""
+    cores = f"{m.get('cores', '?')} logical cores"
+    if m.get("physical_cores"):
+        cores += f" ({m['physical_cores']} physical)"
+    parts = [m.get("cpu", "unknown CPU"), cores]
+    if m.get("memory_gb"):
+        parts.append(f"{m['memory_gb']} GB RAM")
+    if m.get("gpu"):
+        parts.append(f"GPU: {m['gpu']}")
+    line = ", ".join(parts)
+    if m.get("os"):
+        line += f"; {m['os']}"
+    line += f"; Python {m.get('python', '?')}, TensorFlow {m.get('tensorflow', '?')}"
+    if m.get("commit"):
+        line += f"; commit {m['commit']}"
+    return line
+
+
+def latency_ms(seconds: list[float]) -> dict:
+    """p50 and p99 (and the count they come from) of durations in seconds, in milliseconds."""
+    values = np.asarray(seconds) * 1000
+    return {"n": len(values), "p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def target(name: str, measured: float, unit: str, limit: float, at_most: bool) -> dict:
+    """A target from an issue and what was measured; ratio is measured / limit, met by <= 1 or >= 1."""
+    ratio = measured / limit
+    return {
+        "name": name,
+        "target": f"{'≤' if at_most else '≥'} {limit:g} {unit}".strip(),
+        "measured": measured,
+        "unit": unit,
+        "limit": limit,
+        "at_most": at_most,
+        "ratio": ratio,
+        "met": ratio <= 1 if at_most else ratio >= 1,
+    }
+
+
+def targets_table(targets: list[dict], part: str | None = None) -> str:
+    rows = [
+        ([part] if part else [])
+        + [
+            t["name"],
+            t["target"],
+            f"{t['measured']:.3g} {t['unit']}".strip(),
+            f"{t['ratio']:.2f}",
+            "met" if t["met"] else "**not met**",
+        ]
+        for t in targets
+    ]
+    headers = (["part"] if part else []) + ["target", "required", "measured", "measured / required", "result"]
+    return markdown_table(headers, rows)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
