@@ -191,3 +191,34 @@ undeploy: _need-cluster ## Delete what `make deploy` applied (OVERLAY=...)
 
 kind-down: _need-kind ## Delete the local kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+# ---- local model server -------------------------------------------------------------------------
+
+.PHONY: serve-model bench-model-server
+
+serve-model: $(ENV_STAMP) ## The model tier alone: model_server.py (TF Serving's gRPC and REST APIs, no Docker) until Ctrl-C
+	@ls $(MODEL_BASE)/[0-9]*/saved_model.pb >/dev/null 2>&1 || { \
+	  echo "No SavedModel version under $(MODEL_BASE) (<base>/<version>/saved_model.pb): run \`make model\` first." >&2; exit 1; }
+	$(RUN) python model_server.py --port=$(GRPC_PORT) --rest_api_port=$(REST_PORT) \
+	  --model_name=$(MODEL_NAME) --model_base_path=$(MODEL_BASE)
+
+bench-model-server: $(ENV_STAMP) ## Benchmark model_server.py against in-process calls into bench/model_server.md (QUICK=1: smoke run)
+	$(RUN) python bench/bench_model_server.py $(if $(QUICK),--quick)
+
+# ---- benchmarks ----------------------------------------------------------------------------------
+# Each writes bench/<name>.md and bench/<name>.json (git-ignored); bench/README.md says what each holds.
+# QUICK=1: smoke runs with small counts. SKIP_INSTALL_SIZE=1: no pip install of [packages] (needs PyPI).
+
+.PHONY: bench-gateway bench
+
+bench-gateway: $(ENV_STAMP) ## Gateway vs direct Predict and the course's approach, draft mode, install size, import time (bench/gateway.md)
+	$(RUN) python bench/bench_gateway.py $(if $(QUICK),--quick) $(if $(SKIP_INSTALL_SIZE),--skip-install-size)
+
+# One benchmark after another (never in parallel: they would measure each other). Notebook 03's full mode
+# joins as soon as a `bench-experiments` target exists (make -q answers 2 while there is no such rule).
+bench: $(ENV_STAMP) ## All benchmarks and notebook 03's full mode, then one report: bench/report.md + bench/report.json
+	$(MAKE) bench-model-server
+	$(MAKE) bench-gateway
+	@$(MAKE) -q bench-experiments >/dev/null 2>&1; if [ $$? -ne 2 ]; then $(MAKE) bench-experiments; \
+	  else echo "no bench-experiments target: notebook 03's full mode is left out (the report says not run)"; fi
+	$(RUN) python bench/report.py
