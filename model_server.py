@@ -579,16 +579,17 @@ def tensor_proto_to_array(alias: str, proto, spec: tf.TensorSpec) -> np.ndarray:
             f"{alias}: expected {_dtype_name(spec.dtype.as_datatype_enum)} but got {_dtype_name(proto.dtype)}",
         )
     shape = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_content and spec.dtype != tf.string and not proto.tensor_shape.unknown_rank:
-        # The usual encoding (tf.make_tensor_proto): read the bytes in place instead of copying them.
+    content = proto.tensor_content  # each access copies the bytes: read them once
+    if content and spec.dtype != tf.string and not proto.tensor_shape.unknown_rank:
+        # The usual encoding (tf.make_tensor_proto): use the bytes as they are, without another copy.
         dtype = np.dtype(spec.dtype.as_numpy_dtype)
-        if min(shape, default=0) < 0 or len(proto.tensor_content) != dtype.itemsize * int(np.prod(shape)):
+        if min(shape, default=0) < 0 or len(content) != dtype.itemsize * int(np.prod(shape)):
             raise ServingError(
                 Code.INVALID_ARGUMENT,
-                f"tensor parsing error: {alias} ({len(proto.tensor_content)} bytes of tensor_content "
+                f"tensor parsing error: {alias} ({len(content)} bytes of tensor_content "
                 f"do not make a {dtype.name} tensor of shape {shape})",
             )
-        return np.frombuffer(proto.tensor_content, dtype).reshape(shape)
+        return np.frombuffer(content, dtype).reshape(shape)
     try:
         return tf.make_ndarray(proto)
     except Exception as e:
