@@ -6,8 +6,16 @@ workers per core serve it; the app itself sheds load past GATEWAY_MAX_INFLIGHT (
 """
 
 import os
+import shutil
+import tempfile
 
 from contract import GATEWAY_PORT
+
+# One /metrics for all workers: prometheus_client's multiprocess mode keeps each worker's values in files
+# here. Set before the workers import the app; a fresh directory, so no stale values from a past run.
+_OWN_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
 
 bind = os.environ.get("GATEWAY_BIND", f"0.0.0.0:{GATEWAY_PORT}")
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
@@ -25,6 +33,8 @@ accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+# gunicorn's control socket (for `gunicornc`) goes under $HOME, which is not writable in the containers.
+control_socket_disable = True
 # Containers run with a read-only root filesystem: keep gunicorn's heartbeat files in memory.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn heartbeat only)
 
@@ -34,3 +44,15 @@ def on_starting(server):
     import logging
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def child_exit(server, worker):
+    """A finished worker's live gauges (in-flight requests) stop counting towards /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

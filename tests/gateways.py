@@ -34,7 +34,9 @@ class RunningGateway:
 
 
 @contextlib.contextmanager
-def running_gateway(tf_serving_host: str, log_dir: Path, *, workers: int = 1, threads: int = 8, **env: str):
+def running_gateway(
+    tf_serving_host: str, log_dir: Path, *, workers: int = 1, threads: int = 8, startup_timeout: float = 90, **env: str
+):
     """gunicorn --config gunicorn.conf.py gateway:app on a free port; yields once /healthz answers."""
     port = free_port()
     environment = {
@@ -57,7 +59,7 @@ def running_gateway(tf_serving_host: str, log_dir: Path, *, workers: int = 1, th
         )
     gateway = RunningGateway(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{gateway.log()}")
@@ -65,7 +67,7 @@ def running_gateway(tf_serving_host: str, log_dir: Path, *, workers: int = 1, th
                 if requests.get(f"{gateway.url}/healthz", timeout=1).ok:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not answer /healthz within 30 s:\n{gateway.log()}")
+                raise RuntimeError(f"the gateway did not answer /healthz in {startup_timeout:.0f} s:\n{gateway.log()}")
             time.sleep(0.1)
         yield gateway
     finally:

@@ -83,6 +83,19 @@ def test_ready_and_request_id_under_gunicorn(served):
     assert bad.headers["X-Request-ID"] in served.log()
 
 
+def test_metrics_add_up_across_gunicorn_workers(model_server, tmp_path):
+    def healthz_count(url):
+        text = requests.get(f"{url}/metrics", timeout=5).text
+        line = next(x for x in text.splitlines() if x.startswith('gateway_requests_total{endpoint="/healthz"'))
+        return float(line.rsplit(" ", 1)[1])
+
+    with running_gateway(model_server.grpc_target, tmp_path, workers=2) as gw:
+        before = healthz_count(gw.url)
+        for _ in range(20):
+            requests.get(f"{gw.url}/healthz", timeout=5)
+        assert healthz_count(gw.url) - before == 20  # whichever worker answers /metrics
+
+
 def test_the_gateway_never_loads_tensorflow(model_server, dataset):
     code = f"""
 import sys
