@@ -19,6 +19,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+# Quiet TensorFlow's C++ start-up lines here and in every process a benchmark starts.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _cpu_model() -> str:
