@@ -533,7 +533,8 @@ def report(m: dict, options: dict, results: dict, targets: list[dict]) -> str:
         latency,
         "",
         "Where our gateway's time goes (its own per-stage histogram, read from /metrics around the measured "
-        "requests; the client's p50 adds HTTP, Flask and JSON):",
+        "requests): means, so the slow outliers the p99 column shows weigh in; the client's figure adds HTTP, "
+        "Flask and JSON.",
         "",
         stage_table,
         "",
