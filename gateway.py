@@ -151,7 +151,7 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright, first frame, 8-bit RGB; transparent pixels laid on white."""
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # turns only when the EXIF tag says so; no copy otherwise
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and wider grayscale: scale to 8 bits instead of clipping everything above 255 to white.
         pixels = np.asarray(image, dtype=np.float64)
