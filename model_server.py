@@ -211,6 +211,17 @@ class ServedVersion:
             self._idle.wait_for(lambda: not self._in_flight)
 
 
+def _files_of(directory: Path) -> tuple:
+    """Names, sizes and modification times of every file under `directory`: changes while it is written."""
+    files = []
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):  # a file removed while we look is simply not there
+            if path.is_file():
+                stat = path.stat()
+                files.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(files))
+
+
 class ModelManager:
     """Serves the highest integer version under the base path and follows it as new ones appear."""
 
@@ -222,7 +233,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self._current: ServedVersion | None = None
         self._states: dict[int, tuple[int, str]] = {}  # version -> (ModelVersionStatus.State, error)
-        self._failures: dict[int, str] = {}  # version -> last load error, logged once
+        self._failures: dict[int, tuple] = {}  # version -> (its files, the error) at the last failed load
         self._warned_empty = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -232,6 +243,8 @@ class ModelManager:
         return self._current
 
     def versions_on_disk(self) -> list[int]:
+        if not self.base_path.is_dir():  # removed while serving: keep what is loaded
+            return []
         # TF Serving takes directories whose whole name is a number, and ignores everything else.
         return [int(p.name) for p in self.base_path.iterdir() if p.is_dir() and p.name.isdigit()]
 
@@ -252,18 +265,23 @@ class ModelManager:
         if not (path / "saved_model.pb").is_file():
             log.debug("Version %d has no saved_model.pb yet: still being written?", target)
             return
+        # Taken before loading: files that change during a failed load still count as a change.
+        files = _files_of(path)
+        last_files, last_error = self._failures.get(target, ((), ""))
+        if files == last_files:
+            return
         with self._lock:
             self._states[target] = (State.LOADING, "")
         started = time.monotonic()
         try:
             new = ServedVersion(target, path)
-        except Exception as e:  # a half-written or broken version: keep serving the old one, retry later
-            message = f"{type(e).__name__}: {e}"
+        except Exception as e:  # half-written or broken: keep serving the old one, retry once files change
+            error = f"{type(e).__name__}: {e}"
             with self._lock:
-                self._states[target] = (State.END, message)
-            if self._failures.get(target) != message:
-                log.error("Could not load version %d from %s (retrying every poll): %s", target, path, message)
-                self._failures[target] = message
+                self._states[target] = (State.END, error)
+            if error != last_error:
+                log.error("Could not load version %d from %s (retried when its files change): %s", target, path, error)
+            self._failures[target] = (files, error)
             return
         self._failures.pop(target, None)
         try:
@@ -928,7 +946,6 @@ class ModelServer:
         self.grpc_server = None
         self.rest_server = None
         self.rest_api = None
-        self._rest_thread = None
 
     def _serving(self) -> None:
         for service in ("", *SERVICE_NAMES):
@@ -976,8 +993,7 @@ class ModelServer:
                     f"Cannot listen for REST on {args.host}:{args.rest_api_port} ({e.strerror}): "
                     "choose --rest_api_port, or 0 to turn REST off"
                 ) from e
-            self._rest_thread = threading.Thread(target=self.rest_server.serve_forever, name="rest", daemon=True)
-            self._rest_thread.start()
+            threading.Thread(target=self.rest_server.serve_forever, name="rest", daemon=True).start()
             log.info("REST on %s:%d", args.host, self.rest_server.server_port)
 
     def stop(self, grace: float) -> None:

@@ -1,0 +1,402 @@
+"""Benchmark model_server.py against calling the same SavedModel in-process.
+
+    make bench-model-server                    # the full run, a few minutes on 2 cores
+    python bench/bench_model_server.py --quick # a smoke run of every step, with tiny counts
+
+For two models with the course's signature (input_8 float32[-1,299,299,3] -> dense_7 float32[-1,10]):
+the test suite's small stand-in, and an Xception-size one (keras Xception, random weights, same head).
+For each, one image per request, as the gateway sends them:
+  - latency: gRPC Predict (the course's client path) against the in-process call, interleaved call
+    by call so that whatever else runs on the machine slows both alike; p50 and p99;
+  - throughput: 1, 4, 8 and 16 concurrent clients, without and with --enable_batching (the compose
+    model tier's dockerfiles/batching.config unless --batching-config says otherwise), against the
+    in-process call on batches of 1 and of 8 images.
+Writes bench/model_server.md and bench/model_server.json. It measures, it does not test: the targets
+are reported as met or not met, and nothing fails on them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import tensorflow as tf
+from common import BENCH, ROOT, latency_ms, machine, machine_line, markdown_table, target, targets_table
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
+from model_server import parse_batching_parameters
+from servers import CHANNEL_OPTIONS, running_model_server
+
+CLIENTS = (1, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Plan:
+    latency_calls: int  # interleaved pairs: one in-process call, one gRPC call
+    window_seconds: float  # one throughput measurement; calls under way at its end still count
+    rounds: int  # every throughput measurement is repeated this often, the rounds interleaved
+
+
+PLANS = {
+    "full": {"standin": Plan(300, 2.0, 3), "xception": Plan(40, 5.0, 2)},
+    "quick": {"standin": Plan(10, 0.3, 1), "xception": Plan(2, 1.0, 1)},
+}
+
+
+def build_standin():
+    from standin import build_standin
+
+    return build_standin()
+
+
+def build_xception():
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(1)
+    base = keras.applications.Xception(weights=None, input_shape=(299, 299, 3), include_top=False)
+    inputs = keras.Input(shape=(299, 299, 3), name=INPUT_NAME)
+    vectors = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+    inner = keras.layers.Dense(100, activation="relu")(vectors)
+    outputs = keras.layers.Dense(10, name=OUTPUT_NAME)(keras.layers.Dropout(0.2)(inner))
+    return keras.Model(inputs, outputs)
+
+
+MODELS = {"standin": ("stand-in (tests/standin.py)", build_standin), "xception": ("Xception-size", build_xception)}
+
+
+def course_request(X: np.ndarray) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL_NAME
+    request.model_spec.signature_name = SIGNATURE_NAME
+    request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(X, shape=X.shape))
+    return request
+
+
+def measure_latency(in_process, stub, request, X, calls: int) -> tuple[dict, dict]:
+    for _ in range(3):
+        in_process(X)
+        stub.Predict(request, timeout=300)
+    local, remote = [], []
+    for _ in range(calls):
+        started = time.perf_counter()
+        in_process(X)
+        local.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stub.Predict(request, timeout=300)
+        remote.append(time.perf_counter() - started)
+    return latency_ms(local), latency_ms(remote)
+
+
+@dataclass
+class Window:
+    """What one or more throughput measurements of the same setup add up to."""
+
+    seconds: float = 0.0
+    items: int = 0  # requests answered, or images classified in-process
+    cpu_seconds: float = 0.0  # server and client together; the bench process alone in-process
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        result = {
+            "items": self.items,
+            "seconds": self.seconds,
+            "per_s": self.items / self.seconds,
+            "cpu_ms_per_item": 1000 * self.cpu_seconds / max(self.items, 1),
+            "errors": len(self.errors),
+            "first_error": self.errors[0] if self.errors else None,
+        }
+        if self.latencies:
+            result.update({f"{k}_ms": v for k, v in latency_ms(self.latencies).items() if k != "n"})
+        return result
+
+
+def measure_throughput(server, request, clients: int, seconds: float, into: Window) -> None:
+    """`clients` threads, each with its own channel, sending one request after another."""
+    server_process = psutil.Process(server.process.pid)
+    channels = [grpc.insecure_channel(server.grpc_target, options=CHANNEL_OPTIONS) for _ in range(clients)]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+    for stub in stubs:  # connect and warm every channel before the clock starts
+        stub.Predict(request, timeout=300)
+    start = threading.Barrier(clients + 1)
+    finished: list[float] = []
+    lock = threading.Lock()
+    deadline = 0.0
+
+    def client(stub) -> None:
+        start.wait()
+        mine, failed = [], []
+        while time.perf_counter() < deadline:
+            begun = time.perf_counter()
+            try:
+                stub.Predict(request, timeout=300)
+            except grpc.RpcError as e:
+                failed.append(f"{e.code().name}: {e.details()}")
+                continue
+            mine.append(time.perf_counter() - begun)
+        with lock:
+            into.latencies.extend(mine)
+            into.errors.extend(failed)
+            finished.append(time.perf_counter())
+
+    threads = [threading.Thread(target=client, args=(stub,)) for stub in stubs]
+    for thread in threads:
+        thread.start()
+    # CPU time of both sides: the client shares the cores with the server it measures.
+    cpu = time.process_time() + sum(server_process.cpu_times()[:2])
+    began = time.perf_counter()
+    deadline = began + seconds
+    start.wait()
+    for thread in threads:
+        thread.join()
+    into.cpu_seconds += time.process_time() + sum(server_process.cpu_times()[:2]) - cpu
+    into.seconds += max(finished) - began
+    into.items = len(into.latencies)
+    for channel in channels:
+        channel.close()
+
+
+def measure_in_process(in_process, X: np.ndarray, seconds: float, into: Window) -> None:
+    """One caller calling the model in-process for `seconds` (at least once)."""
+    in_process(X)
+    calls, cpu, started = 0, time.process_time(), time.perf_counter()
+    while not calls or time.perf_counter() - started < seconds:
+        in_process(X)
+        calls += 1
+    into.seconds += time.perf_counter() - started
+    into.cpu_seconds += time.process_time() - cpu
+    into.items += len(X) * calls
+
+
+def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) -> dict:
+    title, build = MODELS[key]
+    base = work / key / MODEL_NAME
+    log(f"{title}: building and saving the SavedModel")
+    tf.saved_model.save(build(), str(base / "1"))
+    function = tf.saved_model.load(str(base / "1")).signatures[SIGNATURE_NAME]
+
+    def in_process(X):
+        return function(**{INPUT_NAME: X})[OUTPUT_NAME].numpy()
+
+    X = np.random.default_rng(0).uniform(-1, 1, (1, 299, 299, 3)).astype(np.float32)
+    X8 = np.random.default_rng(8).uniform(-1, 1, (8, 299, 299, 3)).astype(np.float32)
+    request = course_request(X)
+    result = {"model": title, "plan": asdict(plan)}
+    batching = {"enable_batching": True, "batching_parameters_file": batching_config}
+    # Both servers run side by side (the idle one costs nothing) so that their measurements can
+    # alternate: the load of the machine drifts, and alternating spreads the drift over both.
+    with (
+        running_model_server(base, rest_api_port=0) as plain,
+        running_model_server(base, rest_api_port=0, **batching) as batched,
+        plain.channel() as channel,
+    ):
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        answer = stub.Predict(request, timeout=300).outputs[OUTPUT_NAME].float_val
+        result["max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
+        log(f"{title}: latency, {plan.latency_calls} interleaved calls")
+        result["in_process"], result["grpc"] = measure_latency(in_process, stub, request, X, plan.latency_calls)
+
+        windows = {name: Window() for name in ("batch1", "batch8")}
+        windows.update({(name, c): Window() for name in ("plain", "batched") for c in CLIENTS})
+        for round_ in range(plan.rounds):
+            log(f"{title}: throughput, round {round_ + 1} of {plan.rounds}")
+            measure_in_process(in_process, X, plan.window_seconds, windows["batch1"])
+            measure_in_process(in_process, X8, plan.window_seconds, windows["batch8"])
+            for clients in CLIENTS:
+                servers = (("plain", plain), ("batched", batched))
+                for name, server in servers if round_ % 2 == 0 else reversed(servers):
+                    measure_throughput(server, request, clients, plan.window_seconds, windows[name, clients])
+    result["in_process_batch1"] = windows["batch1"].summary()
+    result["in_process_batch8"] = windows["batch8"].summary()
+    result["without_batching"] = [{"clients": c, **windows["plain", c].summary()} for c in CLIENTS]
+    result["with_batching"] = [{"clients": c, **windows["batched", c].summary()} for c in CLIENTS]
+    return result
+
+
+def evaluate(results: dict) -> list[dict]:
+    """The issue's targets, as measured / required (common.target)."""
+    targets = []
+    if "xception" in results:
+        r = results["xception"]
+        ratio = r["grpc"]["p50"] / r["in_process"]["p50"]
+        targets.append(target("Xception-size: gRPC p50 / in-process p50", ratio, "x", 1.05, at_most=True))
+    if "standin" in results:
+        r = results["standin"]
+        added = r["grpc"]["p50"] - r["in_process"]["p50"]
+        targets.append(target("stand-in: gRPC p50 - in-process p50", added, "ms", 2, at_most=True))
+    for r in results.values():
+        rate = next(t["per_s"] for t in r["with_batching"] if t["clients"] == 8)
+        name = f"{r['model']}: batching at 8 clients / in-process batch-8 throughput"
+        targets.append(target(name, rate / r["in_process_batch8"]["per_s"], "x", 0.9, at_most=False))
+    return targets
+
+
+def overhead_note(results: dict) -> str:
+    """Why batching can or cannot catch up with an in-process batch: what each request costs on top."""
+    parts = []
+    for r in results.values():
+        batched = next(t for t in r["with_batching"] if t["clients"] == 8)
+        extra = batched["cpu_ms_per_item"] - r["in_process_batch8"]["cpu_ms_per_item"]
+        parts.append(
+            f"{r['model']}: {batched['cpu_ms_per_item']:.1f} ms of CPU per request at 8 clients with batching "
+            f"against {r['in_process_batch8']['cpu_ms_per_item']:.1f} ms per image in an in-process batch of 8 "
+            f"({extra:+.1f} ms)"
+        )
+    return (
+        "What a request costs beyond the model (CPU of client and server together: the 1 MB tensor through "
+        "Python gRPC both ways, the handler, the batching) is not removed by batching; where it is as large "
+        "as the model's own cost per image, batching through the server cannot reach the in-process batch. "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    results = report["results"].values()
+    latency_rows = [
+        [
+            r["model"],
+            r["in_process"]["n"],
+            f"{r['in_process']['p50']:.2f}",
+            f"{r['in_process']['p99']:.2f}",
+            f"{r['grpc']['p50']:.2f}",
+            f"{r['grpc']['p99']:.2f}",
+            f"{r['grpc']['p50'] - r['in_process']['p50']:+.2f}",
+            f"{r['grpc']['p50'] / r['in_process']['p50']:.3f}",
+        ]
+        for r in results
+    ]
+
+    def rate(run: dict) -> str:
+        errors = f", {run['errors']} errors: {run['first_error']}" if run["errors"] else ""
+        return f"{run['per_s']:.1f} ({run['items']}{errors})"
+
+    throughput_rows = []
+    for r in results:
+        one, eight = r["in_process_batch1"], r["in_process_batch8"]
+        throughput_rows.append(
+            [r["model"], "in-process, batch 1", rate(one), "", f"{one['cpu_ms_per_item']:.1f}", "", "", ""]
+        )
+        throughput_rows.append(
+            [r["model"], "in-process, batch 8", rate(eight), "", f"{eight['cpu_ms_per_item']:.1f}", "", "", ""]
+        )
+        for plain, batched in zip(r["without_batching"], r["with_batching"], strict=True):
+            throughput_rows.append(
+                [
+                    r["model"],
+                    f"{plain['clients']} clients",
+                    rate(plain),
+                    f"{plain['p50_ms']:.1f}",
+                    f"{plain['cpu_ms_per_item']:.1f}",
+                    rate(batched),
+                    f"{batched['p50_ms']:.1f}",
+                    f"{batched['cpu_ms_per_item']:.1f}",
+                ]
+            )
+    differences = ", ".join(f"{r['max_abs_difference']:.1e} ({r['model']})" for r in results)
+    rounds = ", ".join(f"{r['plan']['rounds']} x {r['plan']['window_seconds']:g} s ({r['model']})" for r in results)
+    lines = [
+        "# model_server.py benchmark",
+        "",
+        f"Machine: {machine_line(m)}. Load average at start {m['load_average_at_start']}, at end "
+        f"{m['load_average_at_end']}: other work on the machine shares these cores.",
+        "",
+        f"Run: `{report['mode']}` on {m['date']}, {report['duration_s']:.0f} s. One image (1x299x299x3 float32) per "
+        "request, sent by this script on the same cores as the server. Batching: "
+        f"`{report['batching_config']}` ({report['batching_parameters']}).",
+        "",
+        "## Latency (ms, one image per request, in-process and gRPC calls interleaved)",
+        "",
+        markdown_table(
+            ["model", "calls", "in-process p50", "p99", "gRPC p50", "p99", "gRPC adds (p50)", "ratio (p50)"],
+            latency_rows,
+        ),
+        "",
+        "## Throughput (one image per request)",
+        "",
+        markdown_table(
+            [
+                "model",
+                "callers",
+                "without batching: images/s (count)",
+                "p50 ms",
+                "CPU ms/image",
+                "with batching: images/s (count)",
+                "p50 ms",
+                "CPU ms/image",
+            ],
+            throughput_rows,
+        ),
+        "",
+        f"Each row adds up {rounds}; the rows' measurements alternate, so a change in the machine's load "
+        "hits all of them alike. CPU ms/image: CPU time of the server and of the client (this script) per "
+        "request, or of the in-process caller per image: what a request costs, whatever else shares the "
+        f"machine. Answers equal the in-process call to {differences}.",
+        "",
+        "## Targets",
+        "",
+        targets_table(report["targets"]),
+        "",
+        overhead_note(report["results"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: checks that every step runs")
+    parser.add_argument("--models", default="standin,xception", help="comma-separated: standin, xception")
+    parser.add_argument("--batching-config", type=Path, default=ROOT / "dockerfiles" / "batching.config")
+    parser.add_argument("--output-dir", type=Path, default=BENCH)
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = set(keys) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}: choose from {sorted(MODELS)}")
+    if not args.batching_config.is_file():
+        parser.error(f"no batching config at {args.batching_config}")
+
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    report = {
+        "mode": mode,
+        "machine": machine(),
+        "batching_config": str(args.batching_config),
+    }
+    report["batching_parameters"] = str(parse_batching_parameters(args.batching_config.read_text()))
+    with tempfile.TemporaryDirectory(prefix="bench-model-server-") as work:
+        report["results"] = {k: bench_model(k, PLANS[mode][k], args.batching_config, Path(work), log) for k in keys}
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["duration_s"] = time.monotonic() - started
+    report["targets"] = evaluate(report["results"])
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "model_server.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.output_dir / "model_server.md").write_text(text)
+    print(text)
+    log(f"wrote {args.output_dir / 'model_server.md'} and model_server.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
