@@ -1024,29 +1024,63 @@ def _flag_bool(text: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     # Flags spelled as tensorflow_model_server spells them; MODEL_NAME and MODEL_BASE_PATH as the
     # tensorflow/serving image reads them (the base path there is $MODEL_BASE_PATH/$MODEL_NAME).
-    parser = argparse.ArgumentParser(
-        description="Serve a SavedModel over TF Serving's gRPC and REST APIs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description="Serve a SavedModel over TF Serving's gRPC and REST APIs.")
+    parser.add_argument("--port", type=int, default=GRPC_PORT, help="gRPC port; 0 picks a free one (%(default)s)")
+    parser.add_argument(
+        "--rest_api_port", type=int, default=REST_PORT, help="REST port; 0 turns REST off (%(default)s)"
     )
-    parser.add_argument("--port", type=int, default=GRPC_PORT, help="gRPC port (0: any free port)")
-    parser.add_argument("--rest_api_port", type=int, default=REST_PORT, help="REST port (0: no REST)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104 - as TF Serving
-    parser.add_argument("--model_name", default=os.environ.get("MODEL_NAME", MODEL_NAME))
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (%(default)s)")  # noqa: S104 - as TF Serving
+    parser.add_argument(
+        "--model_name",
+        default=os.environ.get("MODEL_NAME", MODEL_NAME),
+        help="the name clients ask for ($MODEL_NAME, else %(default)s)",
+    )
     parser.add_argument(
         "--model_base_path",
-        default=None,
-        help=f"directory of numbered versions (default: $MODEL_BASE_PATH/$MODEL_NAME, else {MODEL_BASE_PATH})",
+        help=f"directory of numbered SavedModel versions ($MODEL_BASE_PATH/<model name>, else {MODEL_BASE_PATH} "
+        "in this repository)",
     )
-    parser.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
-    parser.add_argument("--batching_parameters_file", help="BatchingParameters in protobuf text format")
     parser.add_argument(
-        "--file_system_poll_wait_seconds", type=float, default=1.0, help="seconds between polls for new versions"
+        "--enable_batching",
+        type=_flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="merge concurrent requests into one model call",
     )
-    parser.add_argument("--grpc_max_threads", type=int, default=max(16, 4 * (os.cpu_count() or 1)))
-    parser.add_argument("--grpc_max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    parser.add_argument("--rest_api_max_request_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument(
-        "--grace_period_seconds", type=float, default=10.0, help="on SIGTERM/SIGINT, time for in-flight requests"
+        "--batching_parameters_file",
+        help="TF Serving's BatchingParameters in protobuf text format (see dockerfiles/batching.config)",
+    )
+    parser.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=float,
+        default=1.0,
+        help="seconds between looks for a new version; 0 looks once, at start-up (%(default)s)",
+    )
+    parser.add_argument(
+        "--grpc_max_threads",
+        type=int,
+        default=max(16, 4 * (os.cpu_count() or 1)),
+        help="gRPC calls served at once (%(default)s)",
+    )
+    parser.add_argument(
+        "--grpc_max_message_bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest gRPC message received or sent (%(default)s)",
+    )
+    parser.add_argument(
+        "--rest_api_max_request_bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest REST request body; larger ones get 413 (%(default)s)",
+    )
+    parser.add_argument(
+        "--grace_period_seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM or SIGINT, how long in-flight requests may still take (%(default)s)",
     )
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (
 )
 
 import model_server
-from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
+from contract import GRPC_PORT, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, REST_PORT, SIGNATURE_NAME
 from servers import running_model_server
 
 TOLERANCE = 1e-5
@@ -592,3 +592,21 @@ def test_sigterm_lets_in_flight_requests_finish(model_base, reference, tmp_path)
         assert server.process.wait(timeout=60) == 0
         assert "SIGTERM: stopping" in server.log()
     assert np.abs(np.concatenate(answers) - reference(X)).max() <= TOLERANCE
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+def test_flags_and_environment_as_tf_serving(monkeypatch):
+    # The tensorflow/serving image serves $MODEL_BASE_PATH/$MODEL_NAME; flags win over the environment.
+    monkeypatch.setenv("MODEL_NAME", "other")
+    monkeypatch.setenv("MODEL_BASE_PATH", "/models")
+    args = model_server.parse_args([])
+    assert (args.model_name, args.model_base_path) == ("other", "/models/other")
+    assert (args.port, args.rest_api_port, args.enable_batching) == (GRPC_PORT, REST_PORT, False)
+    args = model_server.parse_args(
+        [f"--model_name={MODEL_NAME}", "--model_base_path=models/x", "--enable_batching", "--rest_api_port=0"]
+    )
+    assert (args.model_name, args.model_base_path) == (MODEL_NAME, "models/x")
+    assert (args.enable_batching, args.rest_api_port) == (True, 0)
+    assert model_server.parse_args(["--enable_batching=false"]).enable_batching is False
