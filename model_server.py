@@ -430,6 +430,7 @@ class Batcher:
         self._tasks: collections.deque[_Task] = collections.deque()
         self._queued_rows = 0
         self._cv = threading.Condition()
+        self._draining = False  # shutting down: no batch waits for more requests
         self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
@@ -444,10 +445,16 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
+    def drain(self) -> None:
+        """From now on run every batch at once: on shutdown no more requests are coming to fill it."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+
     def close(self) -> None:
         """Run what is queued, then stop the batch threads."""
         with self._cv:
-            self._closed = True
+            self._draining = self._closed = True
             self._cv.notify_all()
         for thread in self._threads:
             thread.join()
@@ -489,7 +496,7 @@ class Batcher:
                     rows += task.rows
                 full = rows == self.options.max_batch_size or len(batch) < len(candidates)
                 wait = first.enqueued + timeout - time.monotonic()
-                if full or wait <= 0 or self._closed:
+                if full or wait <= 0 or self._draining:
                     for task in batch:
                         self._tasks.remove(task)
                     self._queued_rows -= rows
@@ -1000,6 +1007,8 @@ class ModelServer:
         """Stop accepting, let in-flight requests finish within `grace` seconds, then release everything."""
         deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
+        if self.batcher is not None:
+            self.batcher.drain()
         stopped = self.grpc_server.stop(grace) if self.grpc_server else None
         if self.rest_server is not None:
             self.rest_server.shutdown()

@@ -461,12 +461,15 @@ def test_new_version_is_served_without_a_failed_request(model_base, reference, t
             (base / "2").mkdir()
             graph = (staged / "saved_model.pb").read_bytes()
             (base / "2" / "saved_model.pb").write_bytes(graph[: len(graph) // 2])
-            time.sleep(1.0)
+            wait_for(lambda: "Could not load version 2" in server.log(), 30, "a first try at version 2")
+            time.sleep(1.0)  # five more polls
             assert status_of(channel).get(1) == AVAILABLE
             assert status_of(channel).get(2) != AVAILABLE
-            assert server.log().count("Could not load version 2") == 1  # logged once, retried every poll
+            assert server.log().count("Could not load version 2") == 1  # logged once, not once a poll
             (base / "2" / "saved_model.pb").write_bytes(graph)
-            time.sleep(0.6)
+            wait_for(
+                lambda: server.log().count("Could not load version 2") == 2, 30, "a try with the variables missing"
+            )
             assert status_of(channel).get(2) != AVAILABLE
 
             shutil.copytree(staged, base / "2", dirs_exist_ok=True)
@@ -571,9 +574,10 @@ def test_batching_parameters_file_format():
 
 
 def test_sigterm_lets_in_flight_requests_finish(model_base, reference, tmp_path):
-    # A long batch timeout holds the requests inside the server until the batch closes.
+    # A batch that would wait a minute for more requests holds them inside the server; on SIGTERM the
+    # server runs it at once, answers, and exits.
     parameters = tmp_path / "batching.config"
-    parameters.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n")
+    parameters.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 60000000 }\n")
     count = 5
     with (
         running_model_server(
@@ -588,8 +592,8 @@ def test_sigterm_lets_in_flight_requests_finish(model_base, reference, tmp_path)
             wait_for(lambda: server.log().count("Queued 1 rows") == count, 30, "all requests inside the server")
             assert not any(call.done() for call in calls)
             server.process.send_signal(signal.SIGTERM)
-            answers = [predictions(call.result()) for call in calls]
-        assert server.process.wait(timeout=60) == 0
+            answers = [predictions(call.result(timeout=30)) for call in calls]
+        assert server.process.wait(timeout=30) == 0
         assert "SIGTERM: stopping" in server.log()
     assert np.abs(np.concatenate(answers) - reference(X)).max() <= TOLERANCE
 
