@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT
+from contract import CLASSES
 from gateways import free_port
 
 PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
@@ -57,18 +58,7 @@ def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, datase
     assert "classified 4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg with clothing-model version 1" in done.stdout
     assert "  1. " in done.stdout and "  3. " in done.stdout
     answer = json.loads(done.stdout.split("{class: logit}: ", 1)[1].splitlines()[0])
-    assert list(answer) == [
-        "dress",
-        "hat",
-        "longsleeve",
-        "outwear",
-        "pants",
-        "shirt",
-        "shoes",
-        "shorts",
-        "skirt",
-        "t-shirt",
-    ]
+    assert list(answer) == list(CLASSES)
     assert "stopped the model server and the gateway" in done.stdout
     assert not _listening(set(ports))
 
