@@ -222,3 +222,23 @@ bench: $(ENV_STAMP) ## All benchmarks and notebook 03's full mode, then one repo
 	@$(MAKE) -q bench-experiments >/dev/null 2>&1; if [ $$? -ne 2 ]; then $(MAKE) bench-experiments; \
 	  else echo "no bench-experiments target: notebook 03's full mode is left out (the report says not run)"; fi
 	$(RUN) python bench/report.py
+
+# ---- experiments and load ------------------------------------------------------------------------
+
+URL ?= http://localhost:9696
+REQUESTS ?= 500
+CONCURRENCY ?= 8
+# More loadtest.py flags, e.g. LOADTEST_ARGS="--send url --photo-base-url https://…/clothing-dataset-small/".
+LOADTEST_ARGS ?=
+# Notebook 03's model: auto (the course model after `make model`, else the stand-in), stand-in or xception-random.
+EXPERIMENTS_MODEL ?= auto
+
+.PHONY: bench-experiments load-test
+
+bench-experiments: $(ENV_STAMP) ## Notebook 03 in full mode (minutes; QUICK=1: quick): figures in build/experiments, numbers in bench/experiments.json
+	@mkdir -p build/notebooks bench
+	$(RUN) papermill notebooks/03-grpc-experiments.ipynb build/notebooks/03-grpc-experiments.ipynb \
+	  -p mode $(if $(QUICK),quick,full) -p model $(EXPERIMENTS_MODEL) -p results_json bench/experiments.json --cwd .
+
+load-test: $(ENV_STAMP) ## Send REQUESTS photos, CONCURRENCY at a time, to the gateway at URL; throughput, p50/p95/p99, errors
+	$(RUN) python loadtest.py --url $(URL) --requests $(REQUESTS) --concurrency $(CONCURRENCY) $(LOADTEST_ARGS)
