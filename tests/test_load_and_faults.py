@@ -308,7 +308,7 @@ def test_loadtest_script_reports_uploads_and_urls(served, dataset, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_model_server_killed_mid_load_fails_fast_then_recovers_with_the_same_gateway(model_base, photos, tmp_path):
-    port, deadline = free_port(), 3.0
+    port, deadline = free_port(), 5.0
     with contextlib.ExitStack() as stack:
         first = stack.enter_context(running_model_server(model_base, port=port, rest_api_port=0))
         gw = start_gateway(
@@ -340,7 +340,7 @@ def test_model_server_killed_mid_load_fails_fast_then_recovers_with_the_same_gat
     # Fast: the gateway gives a reconnecting model server a short grace, then answers; nothing waits for
     # the deadline, let alone past it.
     grace = min(deadline, gateway._RECONNECT_WAIT)
-    assert sorted(a.seconds for a in down)[len(down) // 2] < grace + 0.5
+    assert sorted(a.seconds for a in down)[len(down) // 2] < grace + 1
     assert max(a.seconds for a in down) < deadline + 1.5
     assert all(a.retry_after for a in down if a.status == 503)
     assert any(a.status == 200 for a in answers if a.started > back_at)
