@@ -349,9 +349,14 @@ STAGE_SECONDS = Histogram(
 INFLIGHT = Gauge("gateway_inflight_requests", "Requests being worked on", multiprocess_mode="livesum")
 
 
+# prometheus_client picks file-backed values at import when PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py sets
+# it for the workers); reading them back must follow the same choice, made once, here.
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 def metrics_payload() -> bytes:
     """All workers' metrics when gunicorn runs several (PROMETHEUS_MULTIPROC_DIR), else this process's."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)

@@ -11,12 +11,6 @@ import tempfile
 
 from contract import GATEWAY_PORT
 
-# One /metrics for all workers: prometheus_client's multiprocess mode keeps each worker's values in files
-# here. Set before the workers import the app; a fresh directory, so no stale values from a past run.
-_OWN_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-if _OWN_METRICS_DIR:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-
 bind = os.environ.get("GATEWAY_BIND", f"0.0.0.0:{GATEWAY_PORT}")
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
 worker_class = "gthread"
@@ -39,10 +33,19 @@ control_socket_disable = True
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (gunicorn heartbeat only)
 
 
+_metrics_dir = []  # the directory on_starting made, removed again on exit
+
+
 def on_starting(server):
-    """The gateway's own log lines (errors with their request id, the discovered signature) to stderr."""
+    """In the master, before any worker starts: metrics shared by all workers, and the gateway's logging."""
     import logging
 
+    # One /metrics for all workers: prometheus_client's multiprocess mode keeps each worker's values in files
+    # here. Set before the workers import the app; a fresh directory, so no stale values from a past run.
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        _metrics_dir.append(tempfile.mkdtemp(prefix="gateway-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir[0]
+    # The gateway's own log lines (errors with their request id, the discovered signature) to stderr.
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
@@ -54,5 +57,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _OWN_METRICS_DIR:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    for directory in _metrics_dir:
+        shutil.rmtree(directory, ignore_errors=True)
