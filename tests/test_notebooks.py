@@ -12,6 +12,7 @@ from testbook import testbook
 from conftest import NOTEBOOKS, ROOT
 
 ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("*.ipynb"))
+PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 
 def test_gateway_py_is_what_make_convert_writes(tmp_path):
@@ -51,7 +52,7 @@ def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, dataset):
     papermill.execute_notebook(
         str(NOTEBOOKS / "02-tf-serving-connect.ipynb"),
         str(executed),
-        parameters={"model_base_path": str(model_base)},
+        parameters={"model_base_path": str(model_base), "photo": str(dataset / PANTS)},
         cwd=str(ROOT),
         progress_bar=False,
     )
