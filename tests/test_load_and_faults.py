@@ -7,7 +7,7 @@
 - overload: far more requests than workers x threads are shed with 503 instead of queueing;
 - SIGTERM to the gateway, then to the model server, under load: every request already accepted completes;
 - fuzzing the API the gateway publishes at /openapi.json, then broken JSON and images: never a 5xx,
-  never a dead worker (two gateway bugs found this way are pinned by a strict xfail until fixed).
+  never a dead worker.
 
 Every test is bounded in requests and seconds, and every byte goes to 127.0.0.1: the fuzz runs in-process
 with DNS and connections replaced by fakes, and the requests sent to a real gunicorn name only IP addresses
@@ -43,7 +43,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -517,15 +517,6 @@ def _check_answer(response_status: int, body: bytes, what) -> None:
         assert isinstance(error["code"], str) and isinstance(error["message"], str), what
 
 
-def _hits_known_bug(body) -> bool:
-    """Inputs that reach the gateway bug test_known_gateway_bugs_are_still_there pins (a 500); until it is
-    fixed the fuzz steers around them rather than fail on it every run."""
-    images = []
-    if isinstance(body, dict):
-        images = [body.get("image")] + (body["images"] if isinstance(body.get("images"), list) else [])
-    return any(isinstance(v, str) and v.startswith("data:") and "," not in v for v in images)
-
-
 @pytest.fixture()
 def fuzz_app(monkeypatch, caplog):
     """The gateway in-process against a fast FakeModelServer, every fetch kept off the network."""
@@ -663,7 +654,6 @@ def test_fuzzing_intake_with_json_and_broken_images_never_gives_a_5xx(fuzz_app, 
         query=st.dictionaries(st.sampled_from(["detail", "top_k"]), _TEXT, max_size=2),
     )
     def json_bodies(body, query):
-        assume(not _hits_known_bug(body))
         response = client.post("/predict", json=body, query_string=query)
         statuses[response.status_code] += 1
         _check_answer(response.status_code, response.data, body)
@@ -686,7 +676,6 @@ def test_fuzzing_intake_with_json_and_broken_images_never_gives_a_5xx(fuzz_app, 
     assert statuses[200] > 0 and statuses[400] > 0  # the fuzz reached both the model and the checks
 
 
-@pytest.mark.xfail(strict=True, reason="gateway bug (reported): intake turns these into 500 internal_error")
 @pytest.mark.parametrize(
     "body",
     [
@@ -694,11 +683,10 @@ def test_fuzzing_intake_with_json_and_broken_images_never_gives_a_5xx(fuzz_app, 
         pytest.param("[" * 2000 + "]" * 2000, id="json-nested-2000-deep"),
     ],
 )
-def test_known_gateway_bugs_are_still_there(fuzz_app, body):
-    """Each of these 4xx-worthy bodies gets a 500; when the gateway is fixed this XPASSes: drop the mark
-    and _hits_known_bug."""
+def test_what_the_fuzz_found_is_a_400(fuzz_app, body):
+    """Bodies that once made the intake fail with a 500 (an IndexError, a RecursionError)."""
     response = fuzz_app.test_client().post("/predict", data=body, content_type="application/json")
-    _check_answer(response.status_code, response.data, body[:40])
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_request"
 
 
 def _png_bomb(width: int, height: int) -> bytes:
@@ -748,10 +736,6 @@ def _nasty_requests(photo: bytes) -> dict:
     }
 
 
-# Names in _nasty_requests that test_known_gateway_bugs_are_still_there pins as 500s for now.
-KNOWN_500 = {"json-nested-2000-deep"}
-
-
 def _refused_before_dns(url: str) -> bool:
     """Whether safe_fetch stops `url` without a DNS query: unparseable, or its host is an IP address."""
     try:
@@ -792,8 +776,7 @@ def test_a_gunicorn_worker_survives_the_nastiest_requests(photos, tmp_path):
         for name, request in cases.items():
             response = requests.post(f"{gw.url}/predict", timeout=60, **request)
             answers[name] = response.status_code
-            if name not in KNOWN_500:
-                _check_answer(response.status_code, response.content, name)
+            _check_answer(response.status_code, response.content, name)
         raw = {
             "malformed-request-line": b"GARBAGE\r\n\r\n",
             "content-length-lies": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
