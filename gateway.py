@@ -370,8 +370,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def _b64_image(value, where: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise GatewayError(400, "invalid_request", f"{where} must be a non-empty base64 string")
+    if value.startswith("data:"):
+        _, comma, value = value.partition(",")
+        if not comma:
+            raise GatewayError(400, "invalid_request", f"{where} is a data URL without the ',' before its base64 data")
     try:
-        return base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise GatewayError(400, "invalid_request", f"{where} is not valid base64") from None
 
@@ -389,7 +393,10 @@ def images_in_request(settings: Settings) -> list[tuple[str, object]]:
     elif request.mimetype and request.mimetype.startswith("image/"):
         items = [("bytes", request.get_data())]
     else:
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # the JSON parser recurses per nesting level; silent=True does not cover it
+            raise GatewayError(400, "invalid_request", "the JSON body is nested too deeply") from None
         if not isinstance(body, dict):
             raise GatewayError(
                 400,
