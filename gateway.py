@@ -72,8 +72,9 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # decoded size limit (a 50-megapixel photo); bigger is refused
     jpeg_draft: bool = True  # decode large JPEGs at a reduced scale (see the measurement in the README)
-    max_inflight: int = 4  # requests doing work at once in one process; more wait, then are shed
-    queue_timeout: float = 0.25  # seconds a request may wait for a slot before a 503
+    max_inflight: int = 4  # requests doing work at once in one process
+    max_waiting: int = 2  # requests that may wait for a slot; any more are shed at once
+    queue_timeout: float = 0.25  # seconds a waiting request may wait for a slot before a 503
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     @classmethod
@@ -90,6 +91,7 @@ class Settings:
             max_image_pixels=_env_number(environ, "GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
             jpeg_draft=environ.get("GATEWAY_JPEG_DRAFT", "1").lower() not in ("0", "false", "no", "off"),
             max_inflight=_env_number(environ, "GATEWAY_MAX_INFLIGHT", cls.max_inflight, int, minimum=1),
+            max_waiting=_env_number(environ, "GATEWAY_MAX_WAITING", cls.max_waiting, int),
             queue_timeout=_env_number(environ, "GATEWAY_QUEUE_TIMEOUT", cls.queue_timeout),
             fetch=FetchPolicy.from_env(environ),
         )
@@ -211,6 +213,7 @@ class ModelClient:
         )
         self._names: tuple[str, str] | None = None
         self._names_lock = threading.Lock()
+        self._unavailable_at = float("-inf")  # when a reconnect wait last ended without a connection
 
     def _method(self, path, request_type, response_type):
         return self.channel.unary_unary(
@@ -220,20 +223,22 @@ class ModelClient:
     def _call(self, method, message, timeout: float):
         """One RPC with a deadline. A channel that is between reconnect attempts (a model server that just
         started or restarted) fails calls at once; so after UNAVAILABLE, try once more, waiting for the
-        connection for up to _RECONNECT_WAIT seconds. If that fails too, the first error stands (503)."""
-        deadline = time.monotonic() + timeout
+        connection for up to _RECONNECT_WAIT seconds. If that fails too, the first error stands (503), and
+        for the next _RECONNECT_WAIT seconds calls fail at once: the model tier is down, not reconnecting."""
+        started = time.monotonic()
         try:
             return method(message, timeout=timeout)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            wait = min(deadline - time.monotonic(), _RECONNECT_WAIT)
-            if wait <= 0:
+            wait = min(started + timeout - time.monotonic(), _RECONNECT_WAIT)
+            if wait <= 0 or time.monotonic() - self._unavailable_at < _RECONNECT_WAIT:
                 raise
             try:
                 return method(message, timeout=wait, wait_for_ready=True)
             except grpc.RpcError as retry_error:
                 if retry_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._unavailable_at = time.monotonic()
                     raise error from None
                 raise
 
@@ -442,6 +447,7 @@ def _openapi() -> dict:
         ]
     }
     answer = {"type": "object", "additionalProperties": {"type": "number"}, "description": "{class: logit}"}
+    batch = {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}}
     return {
         "openapi": "3.0.3",
         "info": {
@@ -489,7 +495,7 @@ def _openapi() -> dict:
                         "200": {
                             "description": "{class: logit} for one image; "
                             '{"predictions": [...]} for several or with detail=1',
-                            "content": {"application/json": {"schema": {"oneOf": [answer, {"type": "object"}]}}},
+                            "content": {"application/json": {"schema": {"oneOf": [answer, batch]}}},
                         },
                         **errors,
                     },
@@ -523,11 +529,35 @@ def _openapi() -> dict:
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "app"
+class Admission:
+    """At most `limit` requests work at once and at most `waiting` more wait (up to `timeout`) for a turn;
+    the rest are refused at once. Bounding the waiters keeps threads free to refuse quickly: a thread
+    that waits for a slot cannot answer anyone else meanwhile."""
+
+    def __init__(self, limit: int, waiting: int, timeout: float):
+        self._slots = threading.BoundedSemaphore(limit)
+        self._waiters = threading.BoundedSemaphore(waiting) if waiting else None
+        self._timeout = timeout
+
+    def enter(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        if self._waiters is None or not self._waiters.acquire(blocking=False):
+            return False
+        try:
+            return self._slots.acquire(timeout=self._timeout)
+        finally:
+            self._waiters.release()
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
 def create_app(settings: Settings | None = None, client: ModelClient | None = None) -> Flask:
     """The gateway as a Flask app; settings from the environment unless given."""
     settings = settings or Settings.from_env()
     client = client or ModelClient(settings)
-    slots = threading.BoundedSemaphore(settings.max_inflight)
+    admission = Admission(settings.max_inflight, settings.max_waiting, settings.queue_timeout)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gateway"] = {"settings": settings, "client": client}
@@ -612,7 +642,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             raise GatewayError(400, "invalid_request", "top_k must be a whole number from 1 to 10") from None
         if not 1 <= top_k <= len(CLASSES):
             raise GatewayError(400, "invalid_request", f"top_k must be from 1 to {len(CLASSES)}")
-        if not slots.acquire(timeout=settings.queue_timeout):
+        if not admission.enter():
             raise GatewayError(503, "overloaded", "the gateway is at capacity; retry shortly", {"Retry-After": "1"})
         INFLIGHT.inc()
         try:
@@ -621,7 +651,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             prediction = classify(items, timings)
         finally:
             INFLIGHT.dec()
-            slots.release()
+            admission.leave()
         timings["total"] = timed("total", g.started)
         if not detail and len(items) == 1:
             return jsonify(course_answer(prediction.logits[0]))

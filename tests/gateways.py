@@ -58,7 +58,7 @@ def running_gateway(
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{gateway.log()}")
-            with contextlib.suppress(requests.ConnectionError):
+            with contextlib.suppress(requests.ConnectionError, requests.Timeout):  # workers may still be importing
                 if requests.get(f"{gateway.url}/healthz", timeout=1).ok:
                     break
             if time.monotonic() > deadline:

@@ -10,6 +10,7 @@ import http.server
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +361,36 @@ def test_urls_are_fetched_when_the_host_is_allowed(fake, photo_server):
         gateway.create_app(gateway.Settings(), client=fake).test_client().post("/predict", json={"url": photo_server})
     )
     assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "url_blocked"
+
+
+def test_admission_bounds_the_waiters_and_refuses_the_rest_at_once():
+    admission = gateway.Admission(limit=1, waiting=1, timeout=5.0)
+    assert admission.enter()  # working
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(admission.enter()))
+    waiter.start()
+    while admission._waiters._value:  # the waiter has taken its place in line
+        threading.Event().wait(0.005)
+    started = time.monotonic()
+    assert not admission.enter()  # no slot and no room to wait: refused without waiting
+    assert time.monotonic() - started < 1.0
+    admission.leave()
+    waiter.join()
+    assert results == [True]
+
+
+def test_a_model_tier_found_down_fails_fast_until_the_reconnect_window_passes():
+    from servers import free_port
+
+    client = gateway.ModelClient(gateway.Settings(tf_serving_host=f"127.0.0.1:{free_port()}", predict_timeout=5.0))
+    batch = np.zeros((1, IMAGE_SIZE[1], IMAGE_SIZE[0], 3), np.float32)
+    timings = []
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(gateway.GatewayError) as raised:
+            client.predict(batch)
+        timings.append(time.monotonic() - started)
+        assert raised.value.status == 503 and raised.value.code == "model_unavailable"
+    first, second = timings
+    assert first >= 1.5  # waited for a connection that might have been coming back
+    assert second < 1.0  # then knew the tier was down

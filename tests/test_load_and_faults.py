@@ -129,14 +129,7 @@ class FakeModelServer:
 
 def start_gateway(stack: contextlib.ExitStack, tf_serving_host: str, log_dir, **kwargs):
     """running_gateway, stopped when `stack` closes."""
-    # tests/gateways.py gives up when its first /healthz probe takes over a second, which a busy
-    # 2-core machine can cause while the workers import; a fresh start then succeeds.
-    for attempt in range(3):
-        try:
-            return stack.enter_context(running_gateway(tf_serving_host, log_dir, **kwargs))
-        except requests.Timeout:
-            if attempt == 2:
-                raise
+    return stack.enter_context(running_gateway(tf_serving_host, log_dir, **kwargs))
 
 
 def worker_pids(gw) -> set[int]:
