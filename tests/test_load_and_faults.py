@@ -533,10 +533,13 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 
 def _fuzz_operation(operation, mode, examples: int, tried: collections.Counter) -> None:
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
-    # response_schema_conformance is left out: the 200 schema's oneOf matches every answer twice (reported).
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance]
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
     @settings(FUZZ, max_examples=examples)
     @given(case=operation.as_strategy(generation_mode=mode))
