@@ -48,7 +48,7 @@ model: $(ENV_STAMP) ## Convert the course model to a SavedModel in models/clothi
 	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) --cwd . || { \
 	  echo ""; echo "make model failed (the error is above; the executed notebook is build/notebooks/01-convert-model.ipynb)."; \
 	  echo "Where the course model cannot be downloaded, get xception_v4_large_08_0.894.h5 elsewhere and run:"; \
-	  echo "  make model MODEL_H5=/path/to/xception_v4_large_08_0.894.h5"; exit 1; }
+	  echo "  make model MODEL_H5=/path/to/xception_v4_large_08_0.894.h5   (or: make demo MODEL_H5=...)"; exit 1; }
 
 # The SavedModel is made once; `make model` remakes it on demand.
 model-if-missing:
