@@ -27,7 +27,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gateway
 from contract import CLASSES, INPUT_NAME, MODEL_BASE_PATH, MODEL_NAME, OUTPUT_NAME
 from gateways import free_port, running_gateway
-from servers import running_model_server
+from servers import running_model_server, terminate
 
 DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
 BIG = (4000, 3000)  # a 12-megapixel camera photo; portrait photos become 3000x4000
@@ -164,13 +163,7 @@ def running_course_gateway(tf_serving_host: str, log_dir: Path):
             time.sleep(0.2)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)
 
 
 def worker_cpu_seconds(master: subprocess.Popen) -> float:

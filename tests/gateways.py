@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from servers import free_port
+from servers import free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,10 +65,4 @@ def running_gateway(
             time.sleep(0.1)
         yield gateway
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)

@@ -85,7 +85,7 @@ def running_model_server(model_base, *, startup_timeout: float = 90, wait_servin
             except _PortTaken:
                 continue
             except BaseException:
-                _terminate(server.process)
+                terminate(server.process)
                 raise
             break
         else:
@@ -93,7 +93,7 @@ def running_model_server(model_base, *, startup_timeout: float = 90, wait_servin
         try:
             yield server
         finally:
-            _terminate(server.process)
+            terminate(server.process)
 
 
 class _PortTaken(Exception):
@@ -144,7 +144,8 @@ def _wait_until_up(server: RunningModelServer, timeout: float, wait_serving: boo
             time.sleep(0.1)
 
 
-def _terminate(process: subprocess.Popen) -> None:
+def terminate(process: subprocess.Popen) -> None:
+    """SIGTERM, up to 40 s for a graceful exit, then SIGKILL."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
