@@ -39,6 +39,8 @@ from urllib.parse import quote
 
 import requests
 
+from contract import GATEWAY_PORT
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
 
@@ -270,7 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Send a fixed number of photo requests to a clothing gateway and summarise the answers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--url", default="http://localhost:9696", help="the gateway's base URL")
+    parser.add_argument("--url", default=f"http://localhost:{GATEWAY_PORT}", help="the gateway's base URL")
     parser.add_argument("--requests", type=int, default=500, help="how many requests to send in all")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="folder of .jpg photos (any depth)")
