@@ -115,8 +115,8 @@ def targets_table(targets: list[dict], part: str | None = None) -> str:
         + [
             t["name"],
             t["target"],
-            f"{t['measured']:.3g} {t['unit']}".strip(),
-            f"{t['ratio']:.2f}",
+            f"{t['measured']:.4g} {t['unit']}".strip(),
+            f"{t['ratio']:.4f}",  # enough digits that a near miss does not print as the limit
             "met" if t["met"] else "**not met**",
         ]
         for t in targets

@@ -40,9 +40,9 @@ def target_row(part: str, t: dict) -> list[str]:
     ratio (common.target), or as text."""
     measured = t.get("measured", "")
     if isinstance(measured, int | float):
-        measured = f"{measured:.3g} {t.get('unit', '')}".strip()
+        measured = f"{measured:.4g} {t.get('unit', '')}".strip()
     required = t["target"] if "name" in t else ""
-    ratio = f"{t['ratio']:.2f}" if isinstance(t.get("ratio"), int | float) else ""
+    ratio = f"{t['ratio']:.4f}" if isinstance(t.get("ratio"), int | float) else ""
     met = t.get("met")
     result = "met" if met is True else "**not met**" if met is False else "not judged"
     return [part, t.get("name", t.get("target", "?")), required, str(measured), ratio, result]
