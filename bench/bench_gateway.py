@@ -46,8 +46,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
 from contract import CLASSES, INPUT_NAME, MODEL_BASE_PATH, MODEL_NAME, OUTPUT_NAME
-from gateways import free_port, running_gateway
-from servers import running_model_server, terminate
+from gateways import running_gateway
+from servers import running_model_server
 
 DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
 BIG = (4000, 3000)  # a 12-megapixel camera photo; portrait photos become 3000x4000
@@ -128,42 +128,6 @@ def prepare_model(work: Path) -> tuple[Path, str]:
         "the stand-in (tests/standin.py: the course model's structure and names at reduced width, random "
         "weights), converted by notebook 01; the course model is not reachable here"
     )
-
-
-@contextlib.contextmanager
-def running_course_gateway(tf_serving_host: str, log_dir: Path):
-    """bench/course_gateway.py under gunicorn with the gateway's gunicorn.conf.py and worker settings."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "TF_SERVING_HOST": tf_serving_host,
-        "GATEWAY_BIND": f"127.0.0.1:{port}",
-        "GATEWAY_WORKERS": str(WORKERS),
-        "GATEWAY_THREADS": str(THREADS),
-        "GATEWAY_ACCESS_LOG": "-",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--pythonpath", "bench"]
-    with open(log_dir / f"course-{port}.log", "wb") as log:
-        process = subprocess.Popen(
-            [*command, "course_gateway:app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # its worker imports all of TensorFlow
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the course's gateway exited with {process.returncode}; see {log.name}")
-            # gunicorn's socket accepts before the worker has imported TensorFlow: a timeout means wait.
-            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
-                if requests.get(f"{url}/healthz", timeout=1).ok:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the course's gateway did not answer /healthz within 120 s; see {log.name}")
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        terminate(process)
 
 
 def worker_cpu_seconds(master: subprocess.Popen) -> float:
@@ -367,8 +331,20 @@ def run(options: dict, skip_install_size: bool) -> dict:
                     )
                 )
                 gateways[name] = Gateway(gw.url, gw.process, has_metrics=True)
-            url, master = stack.enter_context(running_course_gateway(server.grpc_target, work))
-            gateways["course"] = Gateway(url, master, has_metrics=False)
+            # The course's approach, under the same gunicorn settings; its worker imports all of TensorFlow.
+            course = stack.enter_context(
+                running_gateway(
+                    server.grpc_target,
+                    work,
+                    workers=WORKERS,
+                    threads=THREADS,
+                    startup_timeout=120,
+                    app="course_gateway:app",
+                    pythonpath="bench",
+                    TF_CPP_MIN_LOG_LEVEL="2",
+                )
+            )
+            gateways["course"] = Gateway(course.url, course.process, has_metrics=False)
             # Draft mode changes nothing below 598 pixels a side, so "draft off" is measured on the big JPEGs only.
             sets = {
                 "photos": (

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # The photos live beside the repository, never in it; CLOTHING_DATASET points elsewhere if needed.
 DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
+# The course's example photo (its published logits are in test_course_model.py), relative to DATASET.
+PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 # Quiet TensorFlow's C++ start-up lines in this process and in every process the tests start.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

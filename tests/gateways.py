@@ -29,9 +29,19 @@ class RunningGateway:
 
 @contextlib.contextmanager
 def running_gateway(
-    tf_serving_host: str, log_dir: Path, *, workers: int = 1, threads: int = 8, startup_timeout: float = 90, **env: str
+    tf_serving_host: str,
+    log_dir: Path,
+    *,
+    workers: int = 1,
+    threads: int = 8,
+    startup_timeout: float = 90,
+    app: str = "gateway:app",
+    pythonpath: str | None = None,
+    **env: str,
 ):
-    """gunicorn --config gunicorn.conf.py gateway:app on a free port; yields once /healthz answers."""
+    """gunicorn --config gunicorn.conf.py `app` on a free port; yields once /healthz answers.
+
+    `app` and `pythonpath` serve another WSGI app with the same settings (the benchmark's course gateway)."""
     port = free_port()
     environment = {
         **os.environ,
@@ -45,7 +55,11 @@ def running_gateway(
     log_path = Path(log_dir) / f"gateway-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "gateway:app"],
+            [
+                *(sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"),
+                *(("--pythonpath", pythonpath) if pythonpath else ()),
+                app,
+            ],
             cwd=ROOT,
             env=environment,
             stdout=log,

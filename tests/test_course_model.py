@@ -13,10 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import DATASET, NOTEBOOKS, ROOT
+from conftest import DATASET, NOTEBOOKS, PANTS, ROOT
 from contract import CLASSES, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, SIGNATURE_NAME
 
-PANTS_PHOTO = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 PANTS_URL = "http://bit.ly/mlbookcamp-pants"
 # Published in the course (module 10) for the pants photo.
 COURSE_PANTS_LOGITS = {
@@ -64,7 +63,7 @@ def test_course_model_reproduces_published_pants_logits(tmp_path):
         progress_bar=False,
     )
     preprocessor = create_preprocessor("xception", target_size=IMAGE_SIZE)
-    photo = DATASET / PANTS_PHOTO
+    photo = DATASET / PANTS
     batch = preprocessor.from_path(str(photo)) if photo.is_file() else preprocessor.from_url(PANTS_URL)
     served = tf.saved_model.load(str(base / "1")).signatures[SIGNATURE_NAME]
     logits = served(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()[0]

@@ -15,12 +15,10 @@ import pytest
 import requests
 
 import gateway
-from conftest import ROOT
+from conftest import PANTS, ROOT
 from contract import CLASSES, IMAGE_SIZE
 from gateways import free_port, running_gateway
 from servers import running_model_server
-
-PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 
 @pytest.fixture(scope="module")

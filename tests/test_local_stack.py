@@ -8,15 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import PANTS, ROOT
 from contract import CLASSES
 from gateways import free_port
-
-PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 
 def _command(kind, model_base, ports, *extra):
@@ -55,7 +54,7 @@ def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, datase
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "classified 4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg with clothing-model version 1" in done.stdout
+    assert f"classified {Path(PANTS).name} with clothing-model version 1" in done.stdout
     assert "  1. " in done.stdout and "  3. " in done.stdout
     answer = json.loads(done.stdout.split("{class: logit}: ", 1)[1].splitlines()[0])
     assert list(answer) == list(CLASSES)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from testbook import testbook
 
-from conftest import NOTEBOOKS, ROOT
+from conftest import NOTEBOOKS, PANTS, ROOT
 
 ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("*.ipynb"))
-PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 
 def test_gateway_py_is_what_make_convert_writes(tmp_path):
