@@ -1,0 +1,115 @@
+# What only CI needs from the system, sourced by .ci/run: a Docker engine with the compose and buildx plugins,
+# and the tools the container tests use (mmdebstrap for a stand-in base image). `make test` never installs
+# system software; where these are missing it skips the tests that need them and says why.
+#
+# Everything started here is stopped again on exit (the trap below), whatever the tests did.
+
+ci_say() { printf 'ci: %s\n' "$*" >&2; }
+
+ci_cleanups=()
+ci_cleanup() {
+  local i
+  for ((i = ${#ci_cleanups[@]} - 1; i >= 0; i--)); do eval "${ci_cleanups[i]}" || true; done
+}
+trap ci_cleanup EXIT
+
+ci_can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+ci_apt_install() {
+  local missing=() package
+  for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  ci_say "installing ${missing[*]} (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+}
+
+# The URI of the Debian archive this machine's apt sources already name (deb822 or one-line format).
+ci_debian_mirror() {
+  local files=(/etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources)
+  local existing=() file
+  for file in "${files[@]}"; do [ -f "$file" ] && existing+=("$file"); done
+  [ ${#existing[@]} -gt 0 ] || return 0
+  awk '$1 == "URIs:" || $1 == "deb" {
+         for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) { print $i; exit }
+       }' "${existing[@]}"
+}
+
+# Compose v2 and buildx are not in Debian 12: take the single plugin binary out of Debian 13's package, with a
+# private apt state so the system's sources and lists stay as they are.
+ci_docker_plugins() {
+  local need=() pkg
+  docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+  docker buildx version >/dev/null 2>&1 || need+=(docker-buildx)
+  [ ${#need[@]} -eq 0 ] && return 0
+  local mirror work
+  mirror=$(ci_debian_mirror)
+  [ -n "$mirror" ] || { ci_say "no Debian mirror in the apt sources: cannot fetch ${need[*]}"; return 1; }
+  work=$(mktemp -d)
+  mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" >"$work/sources.list"
+  local apt_private=(-o APT::Sandbox::User=root -o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=- \
+    -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Dir::State::Status=/dev/null)
+  ci_say "fetching ${need[*]} (the plugin binaries of Debian 13's packages)"
+  apt-get "${apt_private[@]}" update -q >/dev/null
+  (cd "$work/debs" && apt-get "${apt_private[@]}" download "${need[@]}" >/dev/null)
+  mkdir -p "$DOCKER_CONFIG/cli-plugins"
+  for pkg in "$work"/debs/*.deb; do
+    dpkg-deb -x "$pkg" "$work/root"
+  done
+  cp "$work"/root/usr/libexec/docker/cli-plugins/docker-* "$DOCKER_CONFIG/cli-plugins/"
+  rm -rf "$work"
+  docker compose version >&2 && docker buildx version >&2
+}
+
+ci_docker_engine() {
+  if timeout 20 docker info >/dev/null 2>&1; then
+    ci_say "a Docker engine answers: the container tests use it"
+  elif ! ci_can_apt; then
+    ci_say "no Docker engine, and no root with apt to install one: the container tests will skip"
+    return 0
+  else
+    command -v dockerd >/dev/null 2>&1 || ci_apt_install docker.io
+    local log
+    log=$(mktemp)
+    ci_say "starting dockerd (log: $log)"
+    dockerd >"$log" 2>&1 &
+    local pid=$!
+    ci_cleanups+=("ci_stop_dockerd $pid $log")
+    local waited=0
+    until timeout 10 docker info >/dev/null 2>&1; do
+      if ! kill -0 "$pid" 2>/dev/null || [ $waited -ge 60 ]; then
+        ci_say "dockerd did not come up:"; tail -n 30 "$log" >&2; return 1
+      fi
+      sleep 1; waited=$((waited + 1))
+    done
+    ci_say "dockerd answers after ${waited} s"
+  fi
+  # Plugins in a private CLI config, so nothing in the user's ~/.docker changes.
+  export DOCKER_CONFIG
+  DOCKER_CONFIG=$(mktemp -d)
+  [ -f "$HOME/.docker/config.json" ] && cp "$HOME/.docker/config.json" "$DOCKER_CONFIG/"
+  [ -d "$HOME/.docker/cli-plugins" ] && cp -r "$HOME/.docker/cli-plugins" "$DOCKER_CONFIG/"
+  ci_cleanups+=("rm -rf $DOCKER_CONFIG")
+  if ! ci_can_apt; then
+    ci_say "not root with apt: using the compose and buildx plugins as installed"
+    return 0
+  fi
+  ci_docker_plugins
+  # The tests make a stand-in Python base from Debian packages when the official one cannot be pulled.
+  command -v mmdebstrap >/dev/null 2>&1 || ci_apt_install mmdebstrap
+  # Here, an engine is part of the machine: the container tests must run, and fail rather than skip.
+  export ZOOMCAMP_REQUIRE_DOCKER=1
+}
+
+ci_stop_dockerd() {
+  local pid=$1 log=$2 waited=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null && [ $waited -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+  kill -KILL "$pid" 2>/dev/null || true
+  ci_say "dockerd stopped"
+  rm -f "$log"
+}
