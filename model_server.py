@@ -977,6 +977,7 @@ class ModelServer:
                 ("grpc.max_send_message_length", limit),
                 # Without this a second server on the same port starts silently and steals half the calls.
                 ("grpc.so_reuseport", 0),
+                *args.grpc_channel_arguments,
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -1030,6 +1031,17 @@ def _flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _channel_arguments(text: str) -> list[tuple[str, int | str]]:
+    """TF Serving's --grpc_channel_arguments: `name=value,name=value`, whole numbers as ints."""
+    arguments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise argparse.ArgumentTypeError(f"expected name=value pairs separated by commas, not {item!r}")
+        arguments.append((name, int(value) if re.fullmatch(r"-?\d+", value) else value))
+    return arguments
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     # Flags spelled as tensorflow_model_server spells them; MODEL_NAME and MODEL_BASE_PATH as the
     # tensorflow/serving image reads them (the base path there is $MODEL_BASE_PATH/$MODEL_NAME).
@@ -1078,6 +1090,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest gRPC message received or sent (%(default)s)",
+    )
+    parser.add_argument(
+        "--grpc_channel_arguments",
+        type=_channel_arguments,
+        default=[],
+        help="gRPC server arguments as TF Serving takes them, e.g. grpc.max_connection_age_ms=60000 (comma-separated)",
     )
     parser.add_argument(
         "--rest_api_max_request_bytes",

@@ -614,3 +614,8 @@ def test_flags_and_environment_as_tf_serving(monkeypatch):
     assert (args.model_name, args.model_base_path) == (MODEL_NAME, "models/x")
     assert (args.enable_batching, args.rest_api_port) == (True, 0)
     assert model_server.parse_args(["--enable_batching=false"]).enable_batching is False
+    # The Kubernetes manifests pass TF Serving's server arguments; this server takes them the same way.
+    args = model_server.parse_args(["--grpc_channel_arguments=grpc.max_connection_age_ms=60000,grpc.x=a"])
+    assert args.grpc_channel_arguments == [("grpc.max_connection_age_ms", 60000), ("grpc.x", "a")]
+    with pytest.raises(SystemExit):
+        model_server.parse_args(["--grpc_channel_arguments=no-equals-sign"])

@@ -1,0 +1,51 @@
+# The model tier without TF Serving: model_server.py (TF Serving's gRPC and REST APIs) with the clothing model
+# baked in. The same contract as tensorflow/serving: ports 8500 and 8501, MODEL_NAME and MODEL_BASE_PATH, the
+# model at /models/clothing-model/1, extra arguments passed on to the server. It builds for linux/amd64 and
+# linux/arm64 (TensorFlow publishes both wheels), so it is the native model tier where tensorflow/serving has no
+# image: Apple Silicon, Graviton and other arm64 nodes.
+# Build from the repo root (`make build MODEL_SERVER=local` does): docker build -f dockerfiles/image-model-server.dockerfile .
+# BuildKit sends only what image-model-server.dockerfile.dockerignore lets through.
+ARG PYTHON_IMAGE=python:3.11.15-slim-trixie
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG PIPENV_VERSION=2026.10.3
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIPENV_VERBOSITY=-1
+RUN python3 -m venv /opt/pipenv && /opt/pipenv/bin/pip install --no-cache-dir "pipenv==${PIPENV_VERSION}"
+WORKDIR /build
+COPY Pipfile Pipfile.lock ./
+# The lock's [model-server] section only (TensorFlow and the serving APIs, no notebooks or test tools), hashes
+# checked, into a venv without pip. TensorFlow's C++ headers (about 430 MB) are for building extensions, not for
+# serving: they stay behind.
+RUN /opt/pipenv/bin/pipenv verify \
+    && /opt/pipenv/bin/pipenv requirements --hash --categories model-server >requirements.txt \
+    && python3 -m venv --without-pip /opt/venv \
+    && /opt/pipenv/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-deps --require-hashes \
+        -r requirements.txt \
+    && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
+ARG MODEL_VERSION=1
+# "model[s]" is a wildcard: with no models/ it copies nothing rather than failing on a bare "not found",
+# so the check below can say what to do.
+COPY dockerfiles/batching.config model[s] /staging/
+RUN test -f "/staging/clothing-model/${MODEL_VERSION}/saved_model.pb" \
+    || { echo "No SavedModel at models/clothing-model/${MODEL_VERSION}/saved_model.pb: run \`make model\` first" >&2; exit 1; } \
+    && chmod -R a+rX /staging
+
+FROM ${PYTHON_IMAGE}
+ARG MODEL_VERSION=1
+# MODEL_NAME and MODEL_BASE_PATH as the tensorflow/serving image reads them: it serves $MODEL_BASE_PATH/$MODEL_NAME.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
+    MODEL_NAME=clothing-model MODEL_BASE_PATH=/models
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+COPY model_server.py contract.py ./
+COPY --from=builder /staging/clothing-model/${MODEL_VERSION} /models/clothing-model/1
+COPY --from=builder /staging/batching.config /etc/tf-serving/batching.config
+# The server only reads the model: it runs as nobody, as the tensorflow/serving images here do.
+USER 65534:65534
+EXPOSE 8500 8501
+# Healthy once the model is AVAILABLE (REST status, standard library only: no TensorFlow import per probe).
+HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; b = u.urlopen('http://127.0.0.1:8501/v1/models/' + os.environ['MODEL_NAME'], timeout=2).read(); raise SystemExit(b'AVAILABLE' not in b)"]
+# Python is PID 1 and model_server.py handles SIGTERM itself (in-flight requests finish, then it exits).
+# As with tensorflow/serving, arguments after the image name go to the server: `docker run IMAGE --enable_batching`.
+ENTRYPOINT ["python", "/app/model_server.py"]
