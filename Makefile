@@ -87,14 +87,29 @@ lint: $(ENV_STAMP) ## ruff on the code and notebooks, hadolint on the Dockerfile
 
 # ---- containers and compose ----------------------------------------------------------------------
 
+# The model tier's image. MODEL_SERVER=tf-serving (default): tensorflow/serving, x86-64 only. MODEL_SERVER=local:
+# model_server.py on a slim Python (dockerfiles/image-model-server.dockerfile), native on arm64 too.
+MODEL_SERVER ?= tf-serving
 MODEL_IMAGE ?= zoomcamp-10-model:xception-v4-001
 MODEL_GPU_IMAGE ?= $(MODEL_IMAGE)-gpu
+MODEL_SERVER_IMAGE ?= zoomcamp-10-model-server:xception-v4-001
 GATEWAY_IMAGE ?= zoomcamp-10-gateway:001
+# The Python base of the gateway and model-server images; empty: the Dockerfiles' default (the official image).
+PYTHON_IMAGE ?=
+# More `docker build` flags, e.g. DOCKER_BUILD_FLAGS="--platform linux/arm64".
+DOCKER_BUILD_FLAGS ?=
+DOCKER_BUILD = docker build $(DOCKER_BUILD_FLAGS) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+ifeq ($(filter $(MODEL_SERVER),tf-serving local),)
+$(error MODEL_SERVER=$(MODEL_SERVER): use tf-serving (the default) or local)
+endif
+LOCAL_MODEL_SERVER := $(filter local,$(MODEL_SERVER))
 # The compose plugin or the standalone docker-compose, whichever answers (empty if neither).
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || { command -v docker-compose >/dev/null 2>&1 && echo docker-compose; })
 COMPOSE_GPU ?=
-COMPOSE_FILES := -f docker-compose.yaml $(if $(COMPOSE_GPU),-f docker-compose.gpu.yaml)
-COMPOSE_ENV = MODEL_IMAGE=$(MODEL_IMAGE) MODEL_GPU_IMAGE=$(MODEL_GPU_IMAGE) GATEWAY_IMAGE=$(GATEWAY_IMAGE)
+COMPOSE_FILES := -f docker-compose.yaml $(if $(LOCAL_MODEL_SERVER),-f docker-compose.model-server.yaml) \
+  $(if $(COMPOSE_GPU),-f docker-compose.gpu.yaml)
+COMPOSE_ENV = MODEL_IMAGE=$(MODEL_IMAGE) MODEL_GPU_IMAGE=$(MODEL_GPU_IMAGE) MODEL_SERVER_IMAGE=$(MODEL_SERVER_IMAGE) \
+  GATEWAY_IMAGE=$(GATEWAY_IMAGE)
 # A hung engine should not hang make (macOS has no `timeout`; there it is skipped).
 TIMEOUT := $(if $(shell command -v timeout 2>/dev/null),timeout 20)
 
@@ -118,7 +133,7 @@ with urllib.request.urlopen(request, timeout=60) as response:
 endef
 export GATEWAY_SMOKE_PY
 
-.PHONY: build build-gpu compose-up compose-down compose-test _need-model _need-docker _need-compose
+.PHONY: build build-gpu compose-up compose-down compose-test _need-model _need-docker _need-compose _compose-choice
 
 _need-model:
 	@test -f $(MODEL_BASE)/$(MODEL_VERSION)/saved_model.pb || { \
@@ -128,17 +143,27 @@ _need-docker:
 	@command -v docker >/dev/null 2>&1 || { echo "docker: command not found. Install Docker to build and run the images." >&2; exit 1; }
 	@$(TIMEOUT) docker info >/dev/null 2>&1 || { echo "No Docker engine answers (\`docker info\` failed): start Docker, then try again." >&2; exit 1; }
 
+_compose-choice:
+	@test -z "$(COMPOSE_GPU)" -o -z "$(LOCAL_MODEL_SERVER)" || { \
+	  echo "COMPOSE_GPU=1 runs TF Serving's CUDA image; MODEL_SERVER=local has no GPU build. Choose one." >&2; exit 1; }
+
 _need-compose: _need-docker
 	@test -n "$(COMPOSE)" || { echo "Docker Compose not found: neither \`docker compose\` nor \`docker-compose\` works. Install the compose plugin." >&2; exit 1; }
 
-build: _need-model _need-docker ## Build the model and gateway images (MODEL_IMAGE, GATEWAY_IMAGE; after `make model`)
-	docker build -f dockerfiles/image-model.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_IMAGE) .
-	docker build -f dockerfiles/image-gateway.dockerfile -t $(GATEWAY_IMAGE) .
+build: _need-model _need-docker ## Build the model and gateway images (after `make model`; MODEL_SERVER=local: our model server)
+ifeq ($(LOCAL_MODEL_SERVER),local)
+	$(DOCKER_BUILD) -f dockerfiles/image-model-server.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) \
+	  -t $(MODEL_SERVER_IMAGE) .
+else
+	$(DOCKER_BUILD) -f dockerfiles/image-model.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_IMAGE) .
+endif
+	$(DOCKER_BUILD) -f dockerfiles/image-gateway.dockerfile -t $(GATEWAY_IMAGE) .
 
 build-gpu: _need-model _need-docker ## Build the GPU model image (MODEL_GPU_IMAGE) on TF Serving's CUDA build
-	docker build -f dockerfiles/image-model-gpu.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_GPU_IMAGE) .
+	docker build $(DOCKER_BUILD_FLAGS) -f dockerfiles/image-model-gpu.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) \
+	  -t $(MODEL_GPU_IMAGE) .
 
-compose-up: _need-compose build $(if $(COMPOSE_GPU),build-gpu) ## Start model + gateway, wait until healthy (COMPOSE_GPU=1: GPU model; MODEL_BATCHING=1)
+compose-up: _need-compose _compose-choice build $(if $(COMPOSE_GPU),build-gpu) ## Start model + gateway, wait until healthy (MODEL_SERVER=local; COMPOSE_GPU=1; MODEL_BATCHING=1)
 	$(COMPOSE_ENV) $(COMPOSE) $(COMPOSE_FILES) up -d --wait
 
 compose-down: _need-compose ## Stop and remove the compose services
@@ -175,11 +200,12 @@ kind-up: _need-kind ## Create the local kind cluster (k8s/kind-config.yaml: gate
 	@if $(KIND) get clusters 2>/dev/null | grep -qx $(KIND_CLUSTER); then echo "kind cluster $(KIND_CLUSTER) already exists"; \
 	else $(KIND) create cluster --name $(KIND_CLUSTER) --config k8s/kind-config.yaml; fi
 
-kind-load: _need-kind ## Load the model and gateway images (`make build`) into the kind cluster
-	$(KIND) load docker-image $(MODEL_IMAGE) $(GATEWAY_IMAGE) --name $(KIND_CLUSTER)
+kind-load: _need-kind ## Load the model and gateway images (`make build`) into the kind cluster (MODEL_SERVER=local: ours)
+	$(KIND) load docker-image $(if $(LOCAL_MODEL_SERVER),$(MODEL_SERVER_IMAGE),$(MODEL_IMAGE)) $(GATEWAY_IMAGE) \
+	  --name $(KIND_CLUSTER)
 
-deploy: _need-cluster ## Apply k8s/overlays/<OVERLAY> with kubectl (OVERLAY=kind (default), gpu or eks)
-	@test -f k8s/overlays/$(OVERLAY)/kustomization.yaml || { echo "No overlay k8s/overlays/$(OVERLAY): use kind, gpu or eks." >&2; exit 1; }
+deploy: _need-cluster ## Apply k8s/overlays/<OVERLAY> with kubectl (OVERLAY=kind (default), arm64, gpu or eks)
+	@test -f k8s/overlays/$(OVERLAY)/kustomization.yaml || { echo "No overlay k8s/overlays/$(OVERLAY): use kind, arm64, gpu or eks." >&2; exit 1; }
 	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
 
 port-forward: _need-cluster ## Forward localhost:9696 to the gateway Service (kind needs none: its NodePort is there)
