@@ -11,6 +11,9 @@ import pytest
 
 from contract import MODEL_NAME
 
+# The Docker harness: the engine checks, the images built once per session, the run's docker summary.
+pytest_plugins = ["engine"]
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # The photos live beside the repository, never in it; CLOTHING_DATASET points elsewhere if needed.

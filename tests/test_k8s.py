@@ -23,19 +23,31 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from test_containers import GATEWAY_DOCKERFILE, MODEL_DOCKERFILE, args_of, exposed, final_stage, makefile_variables
 
 import contract
 from conftest import ROOT
+from test_containers import (
+    GATEWAY_DOCKERFILE,
+    MODEL_DOCKERFILE,
+    MODEL_SERVER_DOCKERFILE,
+    args_of,
+    exposed,
+    final_stage,
+    makefile_variables,
+)
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
 K8S = ROOT / "k8s"
-OVERLAYS = ("kind", "gpu", "eks")
+OVERLAYS = ("kind", "arm64", "gpu", "eks")
 GPU_OVERLAYS = {"gpu", "eks"}
 TARGETS = {"base": K8S / "base", **{name: K8S / "overlays" / name for name in OVERLAYS}}
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 GPU = "nvidia.com/gpu"
 MODEL, GATEWAY = "clothing-model", "gateway"
+# Overlays whose model runs our model-server image (k8s/components/model-server) instead of tensorflow/serving.
+MODEL_SERVER_OVERLAYS = {"arm64"}
+# GPUs per instance type of the eksctl node groups (AWS's published figures).
+GPUS_PER_INSTANCE = {"g4dn.xlarge": 1, "g4dn.2xlarge": 1, "g5.xlarge": 1, "g4dn.12xlarge": 4}
 
 
 @functools.cache
@@ -157,6 +169,7 @@ def test_every_container_is_bounded_probed_and_non_root(target):
 
 def test_containers_run_as_the_images_users():
     assert pod_spec("base", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_DOCKERFILE)
+    assert pod_spec("arm64", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_SERVER_DOCKERFILE)
     assert pod_spec("base", GATEWAY)["securityContext"]["runAsUser"] == user_of(GATEWAY_DOCKERFILE)
 
 
@@ -226,8 +239,23 @@ def test_ports_and_probes_follow_the_contract(target):
         assert model[probe]["httpGet"] == {"path": f"/v1/models/{contract.MODEL_NAME}", "port": "http"}
     assert model["livenessProbe"]["tcpSocket"]["port"] == "grpc"
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert any(arg.startswith("--grpc_channel_arguments=grpc.max_connection_age_ms=") for arg in model["args"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gateway_readiness_does_not_follow_the_shared_model(target):
+    """Only the first readiness waits for the model; afterwards a model outage leaves every gateway in the Service
+    (answering JSON 503), since a dependency all replicas share is no reason to take one out."""
+    gateway = container(target, GATEWAY)
+    assert gateway["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    startup = gateway["startupProbe"]
+    # Long enough for a model tier that is still loading (the model's own startupProbe allows 5 minutes).
+    model_startup = container(target, MODEL)["startupProbe"]
+    assert (
+        startup["periodSeconds"] * startup["failureThreshold"]
+        >= model_startup["periodSeconds"] * model_startup["failureThreshold"]
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -237,8 +265,35 @@ def test_rolling_updates_drop_no_request(target):
     grace = pod_spec(target, GATEWAY)["terminationGracePeriodSeconds"]
     assert grace > prestop_sleep(gateway) + graceful, f"{grace} s <= preStop {prestop_sleep(gateway)} + {graceful}"
     assert pod_spec(target, MODEL)["terminationGracePeriodSeconds"] > prestop_sleep(container(target, MODEL))
-    for deployment in objects(target, "Deployment").values():
+    for name, deployment in objects(target, "Deployment").items():
+        if target in GPU_OVERLAYS and name == MODEL:
+            continue  # test_gpu_rollouts_can_finish_on_the_declared_gpus
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def _gpu_nodes(target: str) -> int | None:
+    """GPUs the cluster config gives the model's node group, where the overlay comes with one (eks)."""
+    if target != "eks":
+        return None
+    selector = pod_spec(target, MODEL)["nodeSelector"]
+    (group,) = [g for g in config("eks-config.yaml")["managedNodeGroups"] if selector.items() <= g["labels"].items()]
+    autoscaled = group.get("iam", {}).get("withAddonPolicies", {}).get("autoScaler", False)
+    nodes = group["maxSize"] if autoscaled else group["desiredCapacity"]
+    return nodes * GPUS_PER_INSTANCE[group["instanceType"]]
+
+
+@pytest.mark.parametrize("target", sorted(GPU_OVERLAYS))
+def test_gpu_rollouts_can_finish_on_the_declared_gpus(target):
+    """During a rollout, old and surge pods together must fit the GPUs: on the GPUs the replicas hold (gpu), or
+    on the node group's (eks, no autoscaler: desiredCapacity nodes). Else the surge pod waits for ever."""
+    deployment = objects(target, "Deployment")[MODEL]
+    replicas = deployment["spec"]["replicas"]
+    per_pod = container(target, MODEL)["resources"]["limits"][GPU]
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    surge, unavailable = rolling["maxSurge"], rolling["maxUnavailable"]
+    gpus = _gpu_nodes(target) or replicas * per_pod
+    assert (replicas + surge) * per_pod <= gpus, f"{target}: {replicas}+{surge} pods x {per_pod} GPU > {gpus} GPUs"
+    assert surge + unavailable > 0, "a rollout with neither surge nor unavailability cannot move"
 
 
 def test_images_agree_with_the_makefile_and_dockerfiles():
@@ -246,6 +301,8 @@ def test_images_agree_with_the_makefile_and_dockerfiles():
     local = {MODEL: variables["MODEL_IMAGE"], GATEWAY: variables["GATEWAY_IMAGE"]}
     for target in ("base", "kind"):
         assert {name: container(target, name)["image"] for name in local} == local
+    assert container("arm64", MODEL)["image"] == variables["MODEL_SERVER_IMAGE"]
+    assert container("arm64", GATEWAY)["image"] == variables["GATEWAY_IMAGE"]
     assert container("gpu", MODEL)["image"] == variables["MODEL_GPU_IMAGE"]
     assert container("gpu", GATEWAY)["image"] == variables["GATEWAY_IMAGE"]
     region = config("eks-config.yaml")["metadata"]["region"]
@@ -254,10 +311,21 @@ def test_images_agree_with_the_makefile_and_dockerfiles():
     assert re.fullmatch(registry + re.escape(variables["GATEWAY_IMAGE"]), container("eks", GATEWAY)["image"])
 
 
-def test_kind_overlay_uses_the_loaded_images_and_the_mapped_node_port():
-    for _, _, item in all_containers("kind"):
+def test_arm64_overlay_is_kind_with_our_model_server_image():
+    """The component changes the model's image and nothing else: same probes, flags, user, limits."""
+    variables = makefile_variables()
+    arm64 = yaml.safe_dump(list(render("arm64")))
+    assert arm64.replace(variables["MODEL_SERVER_IMAGE"], variables["MODEL_IMAGE"]) == yaml.safe_dump(
+        list(render("kind"))
+    )
+    assert variables["MODEL_SERVER_IMAGE"] in arm64
+
+
+@pytest.mark.parametrize("target", ["kind", "arm64"])
+def test_kind_overlays_use_the_loaded_images_and_the_mapped_node_port(target):
+    for _, _, item in all_containers(target):
         assert item["imagePullPolicy"] == "IfNotPresent"
-    service = objects("kind", "Service")[GATEWAY]
+    service = objects(target, "Service")[GATEWAY]
     assert service["spec"]["type"] == "NodePort"
     (port,) = service["spec"]["ports"]
     (node,) = config("kind-config.yaml")["nodes"]

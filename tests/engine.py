@@ -1,0 +1,474 @@
+"""A Docker engine for the tests: whether one answers, the Python base image, image builds and containers.
+
+Where no engine answers, the container tests skip and say why. Where `.ci/run` provisioned one, it sets
+ZOOMCAMP_REQUIRE_DOCKER=1, and the same conditions fail instead: in CI a missing piece is a broken build.
+
+The Dockerfiles take their Python base as a build argument, the official image by default. Where that image
+cannot be pulled (a machine without a registry), the harness makes a stand-in from Debian packages with
+mmdebstrap, with this machine's CA bundle, and says so in the test run's summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+import photos
+from conftest import ROOT
+
+DOCKERFILES = ROOT / "dockerfiles"
+REQUIRED = os.environ.get("ZOOMCAMP_REQUIRE_DOCKER") == "1"
+STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11"
+# Lines for the end of the test run (conftest's pytest_terminal_summary prints them once).
+NOTES: list[str] = []
+
+
+def note(line: str) -> None:
+    if line not in NOTES:
+        NOTES.append(line)
+        print(f"[docker] {line}")
+
+
+def unavailable(reason: str):
+    """Skip, or fail where CI provisioned an engine and so every container test must run."""
+    if REQUIRED:
+        pytest.fail(f"{reason} (ZOOMCAMP_REQUIRE_DOCKER=1: this machine is meant to run the container tests)")
+    pytest.skip(reason)
+
+
+def run(command: list[str], timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """A command whose output is kept for the error message when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    if check and result.returncode != 0:
+        shown = " ".join(map(str, command))
+        raise AssertionError(f"`{shown}` exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def _ok(command: list[str], timeout: float = 30) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=timeout, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@functools.cache
+def engine_problem() -> str | None:
+    """Why the container tests cannot run here, or None."""
+    if not shutil.which("docker"):
+        return "docker is not installed"
+    if not _ok(["docker", "info"], timeout=20):
+        return "no Docker engine answers (`docker info` failed or timed out)"
+    if not _ok(["docker", "compose", "version"]):
+        return "the Docker Compose plugin is missing (`docker compose version` failed)"
+    if not _ok(["docker", "buildx", "version"]):
+        return (
+            "the buildx plugin is missing (`docker buildx version` failed): BuildKit reads per-Dockerfile .dockerignore"
+        )
+    return None
+
+
+def require_engine() -> None:
+    problem = engine_problem()
+    if problem:
+        unavailable(problem)
+
+
+def image_exists(image: str) -> bool:
+    return _ok(["docker", "image", "inspect", image])
+
+
+@functools.cache
+def pullable(image: str) -> bool:
+    """Present, or pulled now (a machine without a registry fails fast)."""
+    return image_exists(image) or _ok(["docker", "pull", image], timeout=900)
+
+
+def dockerfile_arg(dockerfile: Path, name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(), re.MULTILINE)
+    assert match, f"{dockerfile.name} has no ARG {name}=<default>"
+    return match.group(1)
+
+
+def _debian_sources() -> tuple[str, str | None]:
+    """This machine's Debian suite and the archive its apt sources name (None: mmdebstrap's default)."""
+    release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    if release.get("ID") != "debian" or not release.get("VERSION_CODENAME"):
+        raise RuntimeError("a stand-in base is made from Debian packages, and this machine is not Debian")
+    uris = []
+    sources = Path("/etc/apt")
+    for path in [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*"))]:
+        if path.suffix not in (".list", ".sources", "") or not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words and words[0] in ("deb", "URIs:"):
+                uris += [word for word in words[1:] if re.fullmatch(r"[a-z]+://\S+/debian/?", word)]
+    return release["VERSION_CODENAME"].strip('"'), (uris[0] if uris else None)
+
+
+def _make_standin(image: str) -> None:
+    if not shutil.which("mmdebstrap"):
+        raise RuntimeError("mmdebstrap is not installed, so no stand-in base can be made (apt install mmdebstrap)")
+    suite, mirror = _debian_sources()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as work:
+        rootfs = Path(work) / "rootfs.tar"
+        command = [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv,ca-certificates",
+            "--aptopt=APT::Install-Recommends false",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            # This machine's trust store: pip inside the builds reaches the package index through it.
+            "--customize-hook=copy-in /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs",
+            suite,
+            str(rootfs),
+            *([mirror] if mirror else []),
+        ]
+        run(command, timeout=900)
+        run(
+            [
+                "docker",
+                "import",
+                "--change",
+                "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+                "--change",
+                'CMD ["python3"]',
+                "--change",
+                f'LABEL org.opencontainers.image.description="stand-in Python base made from Debian {suite} packages"',
+                str(rootfs),
+                image,
+            ],
+            timeout=300,
+        )
+    version = run(["docker", "run", "--rm", image, "python3", "--version"]).stdout.strip()
+    note(f"made the stand-in base {image} ({version}, Debian {suite}) in {time.monotonic() - started:.0f} s")
+
+
+@functools.cache
+def python_base() -> str:
+    """The PYTHON_IMAGE to build with: the Dockerfiles' default where it can be had, else the stand-in."""
+    official = dockerfile_arg(DOCKERFILES / "image-gateway.dockerfile", "PYTHON_IMAGE")
+    if pullable(official):
+        note(f"Python base: {official}")
+        return official
+    note(f"the official base {official} cannot be pulled here: building on a stand-in made from Debian packages")
+    if not image_exists(STANDIN_IMAGE):
+        try:
+            _make_standin(STANDIN_IMAGE)
+        except (RuntimeError, AssertionError, OSError) as error:
+            unavailable(f"no Python base image: {official} cannot be pulled, and no stand-in could be made: {error}")
+    else:
+        note(f"using the stand-in base {STANDIN_IMAGE} made earlier")
+    return STANDIN_IMAGE
+
+
+def build(dockerfile: Path, tag: str, context: Path = ROOT, build_args: dict[str, str] | None = None) -> float:
+    """`docker build` as `make build` runs it, on python_base(); returns the seconds it took."""
+    args = {"PYTHON_IMAGE": python_base(), **(build_args or {})}
+    command = ["docker", "build", "-f", str(dockerfile), "-t", tag]
+    for name, value in args.items():
+        command += ["--build-arg", f"{name}={value}"]
+    # Builds reach the package index from the host's network: on machines like CI's, the bridge does not.
+    command += ["--network", "host", str(context)]
+    started = time.monotonic()
+    run(command, timeout=2400)
+    return time.monotonic() - started
+
+
+def image_size_mb(image: str) -> float:
+    return int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout) / 1e6
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def inspect(container: str) -> dict:
+    return json.loads(run(["docker", "inspect", container]).stdout)[0]
+
+
+def address(container: str, network: str | None = None) -> str:
+    networks = inspect(container)["NetworkSettings"]["Networks"]
+    return networks[network]["IPAddress"] if network else next(iter(networks.values()))["IPAddress"]
+
+
+def health(container: str) -> str:
+    return inspect(container)["State"].get("Health", {}).get("Status", "none")
+
+
+def wait_healthy(container: str, timeout: float) -> float:
+    """Seconds until the image's HEALTHCHECK says healthy; fails with the container's log otherwise."""
+    started = time.monotonic()
+    while (status := health(container)) != "healthy":
+        state = inspect(container)["State"]
+        if not state["Running"] or time.monotonic() - started > timeout:
+            logs = run(["docker", "logs", "--tail", "40", container], check=False)
+            raise AssertionError(
+                f"{container} is {status} (running: {state['Running']}, exit {state['ExitCode']}) after "
+                f"{time.monotonic() - started:.0f} s:\n{logs.stdout}{logs.stderr}"
+            )
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def remove(*containers: str) -> None:
+    if containers:
+        run(["docker", "rm", "-f", "-v", *containers], check=False)
+
+
+def call(method: str, url: str, timeout: float = 30, **kwargs):
+    """(status, headers, parsed JSON or text) for one request; HTTP errors are answers, not exceptions."""
+    response = requests.request(method, url, timeout=timeout, **kwargs)
+    try:
+        return response.status_code, response.headers, response.json()
+    except ValueError:
+        return response.status_code, response.headers, response.text
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free TCP ports on this machine."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                s.bind(("0.0.0.0", port))
+                sockets.append(s)
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+# ---- the project's images, built once per test session -------------------------------------------------
+# Test tags, never the Makefile's: the model image holds the stand-in model, and a user's own `make build`
+# (with the course model) must not be replaced by it.
+GATEWAY_TEST_IMAGE = "zoomcamp-10-gateway:test"
+MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test"
+
+
+def model_build_context(model_base: Path, context: Path) -> Path:
+    """A build context laid out like the repository, with `model_base` as models/clothing-model: the model
+    images copy the SavedModel from there (their .dockerignore, beside the Dockerfile, still applies)."""
+    from contract import MODEL_BASE_PATH
+
+    for name in ("Pipfile", "Pipfile.lock", "model_server.py", "contract.py", "dockerfiles/batching.config"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, context / name)
+    shutil.copytree(model_base, context / MODEL_BASE_PATH)
+    return context
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """First in a fixture's arguments: no engine, no work on the others (the stand-in model's conversion)."""
+    require_engine()
+
+
+@pytest.fixture(scope="session")
+def gateway_image(docker_engine) -> str:
+    seconds = build(DOCKERFILES / "image-gateway.dockerfile", GATEWAY_TEST_IMAGE)
+    note(f"gateway image: {image_size_mb(GATEWAY_TEST_IMAGE):.0f} MB, built in {seconds:.0f} s")
+    return GATEWAY_TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def model_server_image(docker_engine, model_base, tmp_path_factory) -> str:
+    """Our model-server image with the converted stand-in baked in, from a context laid out like the repo."""
+    context = model_build_context(model_base, tmp_path_factory.mktemp("model-server-context"))
+    seconds = build(DOCKERFILES / "image-model-server.dockerfile", MODEL_SERVER_TEST_IMAGE, context)
+    note(f"model-server image: {image_size_mb(MODEL_SERVER_TEST_IMAGE):.0f} MB, built in {seconds:.0f} s")
+    return MODEL_SERVER_TEST_IMAGE
+
+
+# The photo of the compose and pod runs: uploaded, or fetched by the gateways from photo_server.
+PHOTO = photos.jpeg(seed=4)
+
+
+@pytest.fixture(scope="session")
+def photo_server():
+    """PHOTO over HTTP on this machine (every address), for the gateways in containers to fetch."""
+
+    class Photo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(PHOTO)))
+            self.end_headers()
+            self.wfile.write(PHOTO)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Photo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(standin_keras):
+    """The in-process stand-in's logits for PHOTO, preprocessed as the gateway does."""
+    import gateway
+
+    batch = gateway.preprocess(PHOTO, gateway.Settings())[None]
+    return standin_keras(batch, training=False).numpy()[0]
+
+
+@pytest.fixture(scope="session")
+def tf_serving_base(docker_engine) -> str:
+    """tensorflow/serving as the model Dockerfile names it, where it can be pulled; else one skip that says so."""
+    from test_containers import MODEL_DOCKERFILE, base_images
+
+    (image,) = set(base_images(MODEL_DOCKERFILE))
+    if not pullable(image):
+        pytest.skip(f"{image} cannot be pulled here: the compose and pod runs use our model-server image only")
+    return image
+
+
+def pytest_terminal_summary(terminalreporter):
+    if NOTES:
+        terminalreporter.section("docker")
+        for line in NOTES:
+            terminalreporter.write_line(line)
+
+
+# ---- traffic --------------------------------------------------------------------------------------------
+
+
+def host_address() -> str:
+    """This machine's address on Docker's default bridge: containers on any project network reach it."""
+    return run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"]
+    ).stdout.strip()
+
+
+@dataclass
+class Outcome:
+    started: float  # time.monotonic() when the request was sent
+    ended: float
+    url: str
+    status: int | None  # None: no HTTP answer at all
+    error: str = ""  # the connection error, or the gateway's error code
+    request_id: str = ""  # sent as X-Request-ID; the gateway logs it with every request it handles
+
+    @property
+    def refused(self) -> bool:
+        """No answer because no connection was made (refused, or the container was already gone)."""
+        return self.status is None and self.error.startswith("NewConnectionError")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a requests failure, named: NewConnectionError (never connected) or the OSError."""
+    seen = error
+    while True:
+        inner = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+        if type(seen).__name__ == "NewConnectionError":
+            break
+    return f"{type(seen).__name__}: {seen}"[:200]
+
+
+def access_log_statuses(logs: str) -> dict[str, str]:
+    """request id -> status of every POST /predict in gunicorn access log lines (gunicorn.conf.py's format)."""
+    found = re.findall(r'"POST /predict[^"]*" (\d{3}) .* rid=([0-9a-f]{32})', logs)
+    return {request_id: status for status, request_id in found}
+
+
+class Load:
+    """Clients posting one photo each time, a new connection per request, until stopped or a bound is reached."""
+
+    def __init__(
+        self, urls: list[str], body: bytes, clients: int = 8, max_requests: int = 5000, max_seconds: float = 120
+    ):
+        self.urls, self.body, self.clients = list(urls), body, clients
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sent = 0
+
+    def set_urls(self, urls: list[str]) -> None:
+        with self._lock:
+            self.urls = list(urls)
+
+    def _next(self) -> str | None:
+        with self._lock:
+            if self._sent >= self.max_requests or not self.urls:
+                return None
+            self._sent += 1
+            return self.urls[self._sent % len(self.urls)]
+
+    def _client(self, deadline: float) -> None:
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            url = self._next()
+            if url is None:
+                return
+            request_id = uuid.uuid4().hex
+            headers = {"Content-Type": "image/jpeg", "Connection": "close", "X-Request-ID": request_id}
+            started = time.monotonic()
+            try:
+                response = requests.post(url, data=self.body, headers=headers, timeout=30)
+                code = "" if response.ok else response.json().get("error", {}).get("code", "")
+                outcome = Outcome(started, time.monotonic(), url, response.status_code, code, request_id)
+            except requests.RequestException as error:
+                outcome = Outcome(started, time.monotonic(), url, None, _root_cause(error), request_id)
+            with self._lock:
+                self.outcomes.append(outcome)
+
+    def start(self) -> Load:
+        deadline = time.monotonic() + self.max_seconds
+        self._threads = [
+            threading.Thread(target=self._client, args=(deadline,), daemon=True) for _ in range(self.clients)
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop_sending(self) -> None:
+        """No new requests; those in flight go on."""
+        self._stop.set()
+
+    def stop_when_done(self) -> list[Outcome]:
+        """Wait for the clients to end (a bound reached, or stop_sending) and their last requests to finish."""
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.outcomes
+
+    def stop(self) -> list[Outcome]:
+        self.stop_sending()
+        return self.stop_when_done()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
