@@ -60,7 +60,8 @@ def run(command: list[str], timeout: float = 120, check: bool = True, **kwargs) 
     return result
 
 
-def _ok(command: list[str], timeout: float = 30) -> bool:
+def succeeds(command: list[str], timeout: float = 30) -> bool:
+    """The command ran and exited 0 (a missing program or a timeout is a no)."""
     try:
         return subprocess.run(command, capture_output=True, timeout=timeout, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -72,11 +73,11 @@ def engine_problem() -> str | None:
     """Why the container tests cannot run here, or None."""
     if not shutil.which("docker"):
         return "docker is not installed"
-    if not _ok(["docker", "info"], timeout=20):
+    if not succeeds(["docker", "info"], timeout=20):
         return "no Docker engine answers (`docker info` failed or timed out)"
-    if not _ok(["docker", "compose", "version"]):
+    if not succeeds(["docker", "compose", "version"]):
         return "the Docker Compose plugin is missing (`docker compose version` failed)"
-    if not _ok(["docker", "buildx", "version"]):
+    if not succeeds(["docker", "buildx", "version"]):
         return (
             "the buildx plugin is missing (`docker buildx version` failed): BuildKit reads per-Dockerfile .dockerignore"
         )
@@ -90,13 +91,13 @@ def require_engine() -> None:
 
 
 def image_exists(image: str) -> bool:
-    return _ok(["docker", "image", "inspect", image])
+    return succeeds(["docker", "image", "inspect", image])
 
 
 @functools.cache
 def pullable(image: str) -> bool:
     """Present, or pulled now (a machine without a registry fails fast)."""
-    return image_exists(image) or _ok(["docker", "pull", image], timeout=900)
+    return image_exists(image) or succeeds(["docker", "pull", image], timeout=900)
 
 
 def dockerfile_arg(dockerfile: Path, name: str) -> str:

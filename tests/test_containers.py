@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import runpy
 import shlex
@@ -28,6 +29,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 
 import contract
 from conftest import ROOT
+from engine import succeeds
 
 DOCKERFILES = ROOT / "dockerfiles"
 MODEL_DOCKERFILE = DOCKERFILES / "image-model.dockerfile"
@@ -179,16 +181,9 @@ def healthcheck_cmd(dockerfile: Path) -> list[str]:
 def compose_command() -> list[str] | None:
     """`docker compose` (plugin) or `docker-compose` (standalone), whichever works here."""
     for command in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(command[0]) and _ok([*command, "version"]):
+        if shutil.which(command[0]) and succeeds([*command, "version"]):
             return command
     return None
-
-
-def _ok(command: list[str], timeout: float = 20) -> bool:
-    try:
-        return subprocess.run(command, capture_output=True, timeout=timeout, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def runtime_dependencies(section: str, entry: str, files: set[str]) -> tuple[set[str], set[str]]:
@@ -441,13 +436,17 @@ def test_make_build_builds_the_chosen_model_server_on_the_chosen_base():
 
 
 def test_make_container_targets_stop_clearly_without_docker(tmp_path):
-    if _ok(["docker", "info"], timeout=15):
-        pytest.skip("a Docker engine answers here, so the guard passes")
+    """An engine that does not answer (here: a socket that is not there, whether or not this machine has one)."""
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "saved_model.pb").touch()
+    no_engine = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
     for target in ("build", "build-gpu", "compose-up", "compose-down", "compose-test"):
         result = subprocess.run(
-            ["make", "--no-print-directory", target, f"MODEL_BASE={tmp_path}"], capture_output=True, text=True, cwd=ROOT
+            ["make", "--no-print-directory", target, f"MODEL_BASE={tmp_path}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=no_engine,
         )
         assert result.returncode != 0, target
         assert "docker: command not found" in result.stderr or "No Docker engine answers" in result.stderr, target
