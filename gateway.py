@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import io
+import json
 import logging
+import math
 import os
 import re
 import threading
@@ -58,6 +61,13 @@ def _env_number(environ, name, default, kind=float, minimum=0):
     return value
 
 
+# Settings of earlier versions, with what took their place: set, they would silently do nothing.
+_REPLACED_SETTINGS = {
+    "GATEWAY_MAX_WAITING": "the queue is bounded by time now; set GATEWAY_QUEUE_BUDGET (seconds) instead",
+    "GATEWAY_QUEUE_TIMEOUT": "set GATEWAY_QUEUE_BUDGET (seconds a request may wait, from its arrival) instead",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway can be told, read once from the environment."""
@@ -72,13 +82,16 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # decoded size limit (a 50-megapixel photo); bigger is refused
     jpeg_draft: bool = True  # decode large JPEGs at a reduced scale (see the measurement in the README)
-    max_inflight: int = 4  # requests doing work at once in one process
-    max_waiting: int = 2  # requests that may wait for a slot; any more are shed at once
-    queue_timeout: float = 0.25  # seconds a waiting request may wait for a slot before a 503
+    max_inflight: int = 4  # requests doing work at once in one process; the others wait in arrival order
+    queue_budget: float = 1.0  # seconds from arrival a request may wait for a slot; past that it is shed (503)
+    threads: int = 0  # gunicorn's threads per worker (gunicorn.conf.py exports GATEWAY_THREADS); 0: unknown
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     @classmethod
     def from_env(cls, environ=os.environ):
+        for old, new in _REPLACED_SETTINGS.items():
+            if environ.get(old):
+                raise ValueError(f"{old} is no longer read: {new}")
         return cls(
             tf_serving_host=environ.get(TF_SERVING_HOST_ENV) or DEFAULT_TF_SERVING_HOST,
             model_name=environ.get("MODEL_NAME") or MODEL_NAME,
@@ -91,8 +104,8 @@ class Settings:
             max_image_pixels=_env_number(environ, "GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
             jpeg_draft=environ.get("GATEWAY_JPEG_DRAFT", "1").lower() not in ("0", "false", "no", "off"),
             max_inflight=_env_number(environ, "GATEWAY_MAX_INFLIGHT", cls.max_inflight, int, minimum=1),
-            max_waiting=_env_number(environ, "GATEWAY_MAX_WAITING", cls.max_waiting, int),
-            queue_timeout=_env_number(environ, "GATEWAY_QUEUE_TIMEOUT", cls.queue_timeout),
+            queue_budget=_env_number(environ, "GATEWAY_QUEUE_BUDGET", cls.queue_budget),
+            threads=_env_number(environ, "GATEWAY_THREADS", cls.threads, int),
             fetch=FetchPolicy.from_env(environ),
         )
 
@@ -347,11 +360,12 @@ ERRORS = Counter("gateway_errors_total", "Failed requests by error code", ["code
 IMAGES = Counter("gateway_images_total", "Images classified")
 STAGE_SECONDS = Histogram(
     "gateway_stage_seconds",
-    "Time per request stage (fetch, preprocess, predict, total)",
+    "Time per request stage (queue, fetch, preprocess, predict, total)",
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )
 INFLIGHT = Gauge("gateway_inflight_requests", "Requests being worked on", multiprocess_mode="livesum")
+WAITING = Gauge("gateway_waiting_requests", "Requests waiting for a slot (admission)", multiprocess_mode="livesum")
 
 
 # prometheus_client picks file-backed values at import when PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py sets
@@ -528,36 +542,181 @@ def _openapi() -> dict:
     }
 
 
-# %% notebooks/02-tf-serving-connect.ipynb, cell "app"
+# %% notebooks/02-tf-serving-connect.ipynb, cell "admission"
+class _Turn:
+    """A request waiting for a slot: its deadline, and when the slot was granted (None: not, or too late)."""
+
+    __slots__ = ("deadline", "event", "granted")
+
+    def __init__(self, deadline: float):
+        self.deadline, self.event, self.granted = deadline, threading.Event(), None
+
+
 class Admission:
-    """At most `limit` requests work at once and at most `waiting` more wait (up to `timeout`) for a turn;
-    the rest are refused at once. Bounding the waiters keeps threads free to refuse quickly: a thread
-    that waits for a slot cannot answer anyone else meanwhile."""
+    """Admission by queueing delay, per process. At most `limit` requests work at once; the others wait in
+    arrival order, each for at most `budget` seconds from its arrival, and one that cannot start within its
+    budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the recent time a
+    request holds a slot: a request that would wait too long is refused without taking a place in the queue,
+    and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
+    to the oldest waiter.
 
-    def __init__(self, limit: int, waiting: int, timeout: float):
-        self._slots = threading.BoundedSemaphore(limit)
-        self._waiters = threading.BoundedSemaphore(waiting) if waiting else None
-        self._timeout = timeout
+    Every waiting request holds one of gunicorn's threads (`threads` per worker; 0: unknown). A request whose
+    wait would leave fewer than a quarter of them free is refused too: past that point requests would queue
+    unseen in gunicorn itself, where no budget applies. A refusal is answered when the request's budget is
+    spent, not at once, while an eighth of the threads stays free: a client that asks again as soon as it is
+    refused would otherwise loop on instant refusals, and that loop costs the CPU the served requests need.
+    Holding an answer costs a sleeping thread, no CPU; short of threads, refusals go out at once."""
 
-    def enter(self) -> bool:
-        if self._slots.acquire(blocking=False):
-            return True
-        if self._waiters is None or not self._waiters.acquire(blocking=False):
-            return False
+    def __init__(self, limit: int, budget: float, threads: int = 0):
+        self.limit, self.budget = limit, budget
+        self._wait_threads = threads * 3 // 4 if threads else None  # working and waiting requests, at most
+        self._hold_threads = threads * 7 // 8  # working, waiting and held refusals, at most
+        self._lock = threading.Lock()
+        self._working = 0
+        self._held = 0
+        self._waiting: collections.deque[_Turn] = collections.deque()
+        self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
+
+    def predicted_wait(self) -> float:
+        """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
+        with self._lock:
+            return self._predicted_wait()
+
+    def _predicted_wait(self) -> float:
+        if self._working < self.limit:
+            return 0.0
+        return (len(self._waiting) + 1) * (self._slot_seconds or 0.0) / self.limit
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def enter(self, arrived: float) -> float | None:
+        """Wait until this request (arrived at perf_counter() time `arrived`) may work. The perf_counter() time
+        its slot was granted, or None: shed it. A slot is never granted past the request's budget."""
+        deadline = arrived + self.budget
+        with self._lock:
+            now = time.perf_counter()
+            if self._working < self.limit:
+                self._working += 1
+                return now
+            if now + self._predicted_wait() > deadline:
+                return None
+            if self._wait_threads is not None and self._working + len(self._waiting) >= self._wait_threads:
+                return None
+            turn = _Turn(deadline)
+            self._waiting.append(turn)
+        turn.event.wait(max(0.0, deadline - time.perf_counter()))
+        with self._lock:
+            if turn.granted is None and turn in self._waiting:
+                self._waiting.remove(turn)
+            return turn.granted
+
+    def leave(self, held: float) -> None:
+        """The request that held a slot for `held` seconds is done: the slot goes to the oldest waiter whose
+        budget is not spent yet (those past it are shed), or back to the pool."""
+        with self._lock:
+            previous = self._slot_seconds
+            self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
+            now = time.perf_counter()
+            while self._waiting:
+                turn = self._waiting.popleft()
+                turn.event.set()
+                if now <= turn.deadline:
+                    turn.granted = now
+                    return
+            self._working -= 1
+
+    def hold_refusal(self, arrived: float) -> None:
+        """Delay a refusal until the request's budget is spent, if threads allow (see the class)."""
+        with self._lock:
+            if self._working + len(self._waiting) + self._held >= self._hold_threads:
+                return  # short of threads: the refusal goes out at once
+            self._held += 1
         try:
-            return self._slots.acquire(timeout=self._timeout)
+            time.sleep(max(0.0, arrived + self.budget - time.perf_counter()))
         finally:
-            self._waiters.release()
-
-    def leave(self) -> None:
-        self._slots.release()
+            with self._lock:
+                self._held -= 1
 
 
+def drain_body(environ, limit: int) -> bool:
+    """Read what is left of the request body, up to `limit` bytes; False if it could not all be read.
+
+    A reply sent before its body was read (a 503 at admission, a 400 on bad JSON) would leave the body on the
+    socket, and gunicorn drains at most 64 KiB of it before it reuses a keep-alive connection: past that it
+    closes the connection, and the client's next request on it gets no answer at all. So the gateway reads it,
+    and where it cannot (over the limit, or the client went away) its answer says the connection closes."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.isdigit() and int(length) > limit:
+        return False
+    stream, read = environ["wsgi.input"], 0
+    try:
+        while chunk := stream.read(1 << 16):
+            read += len(chunk)
+            if read > limit:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class FrontDoor:
+    """The WSGI app gunicorn calls: admission for POST /predict before Flask sees the request, so that a request
+    that is shed costs the gateway as little as possible (no routing, no request context, a ready answer)."""
+
+    def __init__(self, app, admission: Admission, settings: Settings, on_shed):
+        self.app, self.admission, self.settings, self.on_shed = app, admission, settings, on_shed
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") != "/predict" or environ.get("REQUEST_METHOD") != "POST":
+            return self.app(environ, start_response)
+        arrived = time.perf_counter()
+        WAITING.inc()
+        try:
+            granted = self.admission.enter(arrived)
+        finally:
+            WAITING.dec()
+        if granted is None:
+            return self.refuse(environ, start_response, arrived)
+        started = time.perf_counter()
+        environ["gateway.arrived"], environ["gateway.admitted"] = arrived, granted
+        try:
+            return self.app(environ, start_response)
+        finally:
+            self.admission.leave(time.perf_counter() - started)
+
+    def refuse(self, environ, start_response, arrived: float):
+        self.admission.hold_refusal(arrived)
+        retry = max(1, math.ceil(self.admission.predicted_wait()))
+        message = (
+            f"the gateway is at capacity: this request could not start within {self.settings.queue_budget:g} s; "
+            f"retry in {retry} s"
+        )
+        body = (json.dumps({"error": {"code": "overloaded", "message": message}}) + "\n").encode()
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Retry-After", str(retry)),
+            ("X-Request-ID", given if _REQUEST_ID.match(given) else uuid.uuid4().hex),
+        ]
+        if not drain_body(environ, self.settings.max_request_bytes):
+            headers.append(("Connection", "close"))
+        ERRORS.labels("overloaded").inc()
+        REQUESTS.labels("/predict", "503").inc()
+        self.on_shed()
+        start_response("503 SERVICE UNAVAILABLE", headers)
+        return [body]
+
+
+# %% notebooks/02-tf-serving-connect.ipynb, cell "app"
 def create_app(settings: Settings | None = None, client: ModelClient | None = None) -> Flask:
     """The gateway as a Flask app; settings from the environment unless given."""
     settings = settings or Settings.from_env()
     client = client or ModelClient(settings)
-    admission = Admission(settings.max_inflight, settings.max_waiting, settings.queue_timeout)
+    admission = Admission(settings.max_inflight, settings.queue_budget, settings.threads)
+    shed = {"count": 0, "logged": float("-inf")}  # shed requests since the last log line about them
+    shed_lock = threading.Lock()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gateway"] = {"settings": settings, "client": client}
@@ -570,10 +729,29 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
 
     @app.after_request
     def finish(response):
+        if not drain_body(request.environ, settings.max_request_bytes):
+            response.headers["Connection"] = "close"
         response.headers["X-Request-ID"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         REQUESTS.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    def log_shed() -> None:
+        """One line per 10 s about shed requests, not one per request: under overload that would flood the log."""
+        with shed_lock:
+            shed["count"] += 1
+            now = time.monotonic()
+            if now - shed["logged"] < 10:
+                return
+            count, shed["count"], shed["logged"] = shed["count"], 0, now
+        log.warning(
+            "overloaded: %d request(s) shed since the last line like this one: they could not start within "
+            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now)",
+            count,
+            settings.queue_budget,
+            settings.max_inflight,
+            admission.waiting(),
+        )
 
     def error_response(error: GatewayError):
         ERRORS.labels(error.code).inc()
@@ -642,17 +820,18 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             raise GatewayError(400, "invalid_request", "top_k must be a whole number from 1 to 10") from None
         if not 1 <= top_k <= len(CLASSES):
             raise GatewayError(400, "invalid_request", f"top_k must be from 1 to {len(CLASSES)}")
-        if not admission.enter():
-            raise GatewayError(503, "overloaded", "the gateway is at capacity; retry shortly", {"Retry-After": "1"})
+        # FrontDoor admitted this request (it waited from `arrived` to `admitted`); without it, none waited.
+        arrived = request.environ.get("gateway.arrived", g.started)
+        admitted = request.environ.get("gateway.admitted", g.started)
+        STAGE_SECONDS.labels("queue").observe(admitted - arrived)
+        timings = {"queue": round((admitted - arrived) * 1000, 2)}
         INFLIGHT.inc()
         try:
             items = images_in_request(settings)
-            timings = {}
             prediction = classify(items, timings)
         finally:
             INFLIGHT.dec()
-            admission.leave()
-        timings["total"] = timed("total", g.started)
+        timings["total"] = timed("total", arrived)
         if not detail and len(items) == 1:
             return jsonify(course_answer(prediction.logits[0]))
         predictions = [detailed_answer(row, top_k) if detail else course_answer(row) for row in prediction.logits]
@@ -687,6 +866,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
     def openapi():
         return jsonify(_openapi())
 
+    app.wsgi_app = FrontDoor(app.wsgi_app, admission, settings, on_shed=log_shed)
     return app
 
 

@@ -2,7 +2,8 @@
 
 Every knob comes from the environment so the image, compose and Kubernetes set them without
 rebuilding. The gateway mostly waits on the model tier (gRPC releases the GIL), so a few threaded
-workers per core serve it; the app itself sheds load past GATEWAY_MAX_INFLIGHT (see gateway.py).
+workers serve it; the app itself admits GATEWAY_MAX_INFLIGHT requests at once per worker and sheds what
+cannot start within GATEWAY_QUEUE_BUDGET (see gateway.py).
 """
 
 import os
@@ -14,7 +15,12 @@ from contract import GATEWAY_PORT
 bind = os.environ.get("GATEWAY_BIND", f"0.0.0.0:{GATEWAY_PORT}")
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
 worker_class = "gthread"
-threads = int(os.environ.get("GATEWAY_THREADS", "8"))
+# Threads only wait for the most part: a request waiting for an admission slot (gateway.py) holds one. Enough of
+# them that every request reaches the admission queue, where its wait counts against GATEWAY_QUEUE_BUDGET; a
+# request left in gunicorn's own queue would wait unseen.
+threads = int(os.environ.get("GATEWAY_THREADS", "64"))
+# The app sizes its admission with it (Settings.threads): the value gunicorn really uses.
+os.environ["GATEWAY_THREADS"] = str(threads)
 # A worker silent this long is restarted; well above the model deadline plus a slow fetch.
 timeout = int(os.environ.get("GATEWAY_WORKER_TIMEOUT", "60"))
 # On SIGTERM, requests already accepted get this long to finish (Kubernetes' grace period is longer).

@@ -137,8 +137,11 @@ def test_settings_from_environment():
             "GATEWAY_JPEG_DRAFT": "off",
             "MODEL_INPUT": "x",
             "MODEL_OUTPUT": "y",
+            "GATEWAY_MAX_INFLIGHT": "2",
+            "GATEWAY_QUEUE_BUDGET": "0.5",
         }
     )
+    assert (settings.max_inflight, settings.queue_budget) == (2, 0.5)
     assert settings.tf_serving_host == "dns:///clothing-model-headless:8500"
     assert (settings.predict_timeout, settings.max_images, settings.jpeg_draft) == (2.5, 4, False)
     assert (settings.input_name, settings.output_name) == ("x", "y")
@@ -220,7 +223,7 @@ def test_detail_is_an_explicit_opt_in(client):
     assert [t["class"] for t in prediction["top"]][0] == "pants" and len(prediction["top"]) == 2
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
     assert detailed["model"] == {"name": "clothing-model", "version": 7, "signature": "serving_default"}
-    assert set(detailed["timings_ms"]) == {"fetch", "preprocess", "predict", "total"}
+    assert set(detailed["timings_ms"]) == {"queue", "fetch", "preprocess", "predict", "total"}
 
 
 @pytest.mark.parametrize(
@@ -299,7 +302,7 @@ def test_unexpected_failures_are_json_500_without_traceback(client, fake):
 
 
 def test_overload_is_shed_with_503_at_once(fake):
-    app = gateway.create_app(gateway.Settings(max_inflight=1, queue_timeout=0.05), client=fake)
+    app = gateway.create_app(gateway.Settings(max_inflight=1, queue_budget=0.05), client=fake)
     body = {"image": base64.b64encode(RED).decode()}
     fake.release.clear()
     first = threading.Thread(target=lambda: app.test_client().post("/predict", json=body))
@@ -363,20 +366,95 @@ def test_urls_are_fetched_when_the_host_is_allowed(fake, photo_server):
     assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "url_blocked"
 
 
-def test_admission_bounds_the_waiters_and_refuses_the_rest_at_once():
-    admission = gateway.Admission(limit=1, waiting=1, timeout=5.0)
-    assert admission.enter()  # working
+def _enter_in_thread(admission, arrived=None):
+    """admission.enter() in a thread: (thread, results list); waits until it is in line."""
     results = []
-    waiter = threading.Thread(target=lambda: results.append(admission.enter()))
-    waiter.start()
-    while admission._waiters._value:  # the waiter has taken its place in line
-        threading.Event().wait(0.005)
+    waiting = admission.waiting()
+
+    def enter():
+        results.append(admission.enter(arrived or time.perf_counter()) is not None)
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    while admission.waiting() == waiting and thread.is_alive():
+        threading.Event().wait(0.002)
+    return thread, results
+
+
+def test_admission_hands_slots_to_the_waiters_in_arrival_order():
+    admission = gateway.Admission(limit=1, budget=5.0)
+    assert admission.enter(time.perf_counter()) is not None  # working
+    first, first_result = _enter_in_thread(admission)
+    second, second_result = _enter_in_thread(admission)
+    assert admission.waiting() == 2
+    admission.leave(0.01)
+    first.join(2)
+    assert first_result == [True] and not second_result  # the oldest waiter, and only it
+    admission.leave(0.01)
+    second.join(2)
+    assert second_result == [True] and admission.waiting() == 0
+
+
+def test_admission_sheds_a_waiter_whose_budget_runs_out():
+    admission = gateway.Admission(limit=1, budget=0.2)
+    assert admission.enter(time.perf_counter()) is not None
     started = time.monotonic()
-    assert not admission.enter()  # no slot and no room to wait: refused without waiting
-    assert time.monotonic() - started < 1.0
-    admission.leave()
-    waiter.join()
-    assert results == [True]
+    waiter, result = _enter_in_thread(admission)
+    waiter.join(5)
+    assert result == [False] and 0.15 <= time.monotonic() - started < 2
+    assert admission.waiting() == 0
+    admission.leave(0.01)
+    assert admission.enter(time.perf_counter()) is not None  # the slot came back
+
+
+def test_admission_refuses_at_once_what_could_not_start_in_time():
+    admission = gateway.Admission(limit=1, budget=0.5)
+    assert admission.enter(time.perf_counter()) is not None
+    admission.leave(2.0)  # requests have been holding a slot for 2 s
+    assert admission.enter(time.perf_counter()) is not None
+    started = time.monotonic()
+    assert admission.enter(time.perf_counter()) is None  # 2 s ahead of it, 0.5 s of budget: refused without waiting
+    assert time.monotonic() - started < 0.1
+    assert admission.predicted_wait() == pytest.approx(2.0)
+    # The budget counts from arrival: a request that already spent it before asking is refused too.
+    fast = gateway.Admission(limit=1, budget=0.5)
+    assert fast.enter(time.perf_counter()) is not None
+    assert fast.enter(time.perf_counter() - 0.6) is None
+
+
+def test_admission_never_grants_a_slot_past_the_budget():
+    """A waiter whose budget ran out while the slot was busy is shed, and the slot goes to the next in line."""
+    admission = gateway.Admission(limit=1, budget=10.0)
+    assert admission.enter(time.perf_counter()) is not None
+    late, late_result = _enter_in_thread(admission, arrived=time.perf_counter() - 9.8)  # 0.2 s of budget left
+    fresh, fresh_result = _enter_in_thread(admission)
+    time.sleep(0.4)
+    late.join(2)
+    assert late_result == [False]
+    admission.leave(0.01)
+    fresh.join(2)
+    assert fresh_result == [True] and admission.waiting() == 0
+
+
+def test_admission_keeps_a_quarter_of_the_threads_free():
+    """Waiting requests hold gunicorn threads: past three quarters of them, one more would queue unseen."""
+    admission = gateway.Admission(limit=1, budget=10.0, threads=4)
+    assert admission.enter(time.perf_counter()) is not None
+    waiter, result = _enter_in_thread(admission)  # working 1 + waiting 1
+    second, second_result = _enter_in_thread(admission)  # + waiting 2: three of the four threads
+    started = time.monotonic()
+    assert admission.enter(time.perf_counter()) is None  # a fourth would leave no thread free
+    assert time.monotonic() - started < 0.1
+    for _ in range(3):
+        admission.leave(0.01)
+    waiter.join(2), second.join(2)
+    assert result == [True] and second_result == [True]
+
+
+def test_replaced_settings_are_refused_with_what_to_set_instead():
+    for name in ("GATEWAY_MAX_WAITING", "GATEWAY_QUEUE_TIMEOUT"):
+        with pytest.raises(ValueError, match="GATEWAY_QUEUE_BUDGET"):
+            gateway.Settings.from_env({name: "1"})
 
 
 def test_a_model_tier_found_down_fails_fast_until_the_reconnect_window_passes():
