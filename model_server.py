@@ -61,6 +61,9 @@ ROOT = Path(__file__).resolve().parent
 MIB = 1024 * 1024
 # A batch of 32 images at 299x299x3 float32 is about 34 MB; TF Serving itself takes up to 2 GB.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MIB
+# Predict requests held at once: several gateways' worth (each sends at most GATEWAY_MAX_INFLIGHT per worker).
+DEFAULT_MAX_REQUESTS = 32
+SPARE_GRPC_THREADS = 8
 SIGNATURE_DEF_FIELD = "signature_def"  # the one GetModelMetadata field TF Serving knows
 SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
@@ -537,10 +540,33 @@ class Batcher:
 
 
 class Predictor:
-    """Checks a request against its signature and runs it, through the batcher when there is one."""
+    """Checks a request against its signature and runs it, through the batcher when there is one.
 
-    def __init__(self, batcher: Batcher | None):
+    It holds at most `max_requests` Predict requests at once (gRPC and REST together, running or waiting for the
+    model); one more is refused at once with UNAVAILABLE, which TF Serving's clients (and the gateway) retry
+    later. A caller learns that the tier is full now, not when its deadline runs out in a queue."""
+
+    def __init__(self, batcher: Batcher | None, max_requests: int = 0):
         self.batcher = batcher
+        self.max_requests = max_requests  # 0: no limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def admit(self):
+        with self._lock:
+            if self.max_requests and self._held >= self.max_requests:
+                raise ServingError(
+                    Code.UNAVAILABLE,
+                    f"the model server is at capacity: {self._held} requests in progress "
+                    f"(--max_concurrent_requests={self.max_requests}); retry shortly",
+                )
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
 
     @staticmethod
     def check_input_names(signature: Signature, names) -> None:
@@ -666,7 +692,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _predict(self, request):
         spec = request.model_spec
         signature_name = spec.signature_name or SIGNATURE_NAME
-        with self.models.use(spec.name, _version_of(spec), spec.version_label) as served:
+        with self.predictor.admit(), self.models.use(spec.name, _version_of(spec), spec.version_label) as served:
             signature = served.signatures.get(signature_name)
             if signature is None:
                 raise ServingError(Code.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
@@ -865,7 +891,7 @@ class RestApi:
         if "instances" not in document and "inputs" not in document:
             raise ServingError(Code.INVALID_ARGUMENT, "Missing 'inputs' or 'instances' key")
         row_format = "instances" in document
-        with self.models.use(name, version, label) as served:
+        with self.predictor.admit(), self.models.use(name, version, label) as served:
             signature = served.signatures.get(signature_name)
             if signature is None:
                 raise ServingError(
@@ -949,7 +975,7 @@ class ModelServer:
                 except (OSError, ValueError) as e:
                     raise StartupError(f"--batching_parameters_file {args.batching_parameters_file}: {e}") from e
             self.batcher = Batcher(options)
-        self.predictor = Predictor(self.batcher)
+        self.predictor = Predictor(self.batcher, args.max_concurrent_requests)
         self.grpc_server = None
         self.rest_server = None
         self.rest_api = None
@@ -970,8 +996,11 @@ class ModelServer:
             log.info("Batching on: %s", self.batcher.options)
 
         limit = args.grpc_max_message_bytes
+        # As many calls at once as there are threads: one more is refused at once (RESOURCE_EXHAUSTED) instead
+        # of waiting unseen in the executor's queue until its deadline.
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=args.grpc_max_threads,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -1080,10 +1109,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds between looks for a new version; 0 looks once, at start-up (%(default)s)",
     )
     parser.add_argument(
+        "--max_concurrent_requests",
+        type=int,
+        default=DEFAULT_MAX_REQUESTS,
+        help="Predict requests held at once, running or waiting for the model; one more is answered UNAVAILABLE "
+        "at once; 0: no limit (%(default)s)",
+    )
+    parser.add_argument(
         "--grpc_max_threads",
         type=int,
-        default=max(16, 4 * (os.cpu_count() or 1)),
-        help="gRPC calls served at once (%(default)s)",
+        help="gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED "
+        f"(default: --max_concurrent_requests + {SPARE_GRPC_THREADS}, for status, metadata and health calls)",
     )
     parser.add_argument(
         "--grpc_max_message_bytes",
@@ -1114,6 +1150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model_base_path is None:
         env_base = os.environ.get("MODEL_BASE_PATH")
         args.model_base_path = os.path.join(env_base, args.model_name) if env_base else str(ROOT / MODEL_BASE_PATH)
+    if args.grpc_max_threads is None:
+        args.grpc_max_threads = max(args.max_concurrent_requests, 16) + SPARE_GRPC_THREADS
     if args.batching_parameters_file and not args.enable_batching:
         parser.error("--batching_parameters_file needs --enable_batching")
     return args

@@ -560,6 +560,47 @@ def test_batcher_queue_is_bounded():
     batcher.close()
 
 
+def test_a_full_server_refuses_at_once_with_unavailable():
+    predictor = model_server.Predictor(None, max_requests=1)
+    with predictor.admit():
+        with pytest.raises(model_server.ServingError) as full, predictor.admit():
+            pass
+        assert full.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "--max_concurrent_requests=1" in full.value.message
+    with predictor.admit():  # the slot came back
+        pass
+
+
+def test_past_its_limit_the_server_answers_unavailable_quickly_never_by_timing_out(model_base, reference):
+    X = images(16, seed=3)
+    start = threading.Barrier(8)
+
+    def call(stub):
+        start.wait()
+        began = time.monotonic()
+        try:
+            return predictions(stub.Predict(course_request(X), timeout=30)), time.monotonic() - began
+        except grpc.RpcError as error:
+            return error, time.monotonic() - began
+
+    with (
+        running_model_server(model_base, max_concurrent_requests=1, rest_api_port=0) as server,
+        server.channel() as channel,
+    ):
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub.Predict(course_request(X[:1]), timeout=30)  # warm
+        with futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: call(stub), range(8)))
+    refused = [(a, t) for a, t in answers if isinstance(a, grpc.RpcError)]
+    served = [a for a, _ in answers if not isinstance(a, grpc.RpcError)]
+    assert served and refused, f"{len(served)} served, {len(refused)} refused"
+    for error, seconds in refused:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "at capacity" in error.details()
+        assert seconds < 2
+    for answer in served:
+        assert np.abs(answer - reference(X)).max() <= TOLERANCE
+
+
 def test_batching_parameters_file_format():
     text = (model_server.ROOT / "dockerfiles" / "batching.config").read_text()
     options = model_server.parse_batching_parameters(text)
@@ -619,3 +660,5 @@ def test_flags_and_environment_as_tf_serving(monkeypatch):
     assert args.grpc_channel_arguments == [("grpc.max_connection_age_ms", 60000), ("grpc.x", "a")]
     with pytest.raises(SystemExit):
         model_server.parse_args(["--grpc_channel_arguments=no-equals-sign"])
+    args = model_server.parse_args(["--max_concurrent_requests=40"])
+    assert args.grpc_max_threads == 40 + model_server.SPARE_GRPC_THREADS
