@@ -1,43 +1,55 @@
-"""Load generator for the clothing gateway: a fixed number of requests with photos from the dataset.
+"""Load generator for the clothing gateway: photo requests, in a closed or an open loop.
 
     make load-test URL=http://localhost:9696 REQUESTS=500 CONCURRENCY=8
     python loadtest.py --url http://localhost:9696 --requests 500 --concurrency 8
+    python loadtest.py --rate 100 --duration 30 --requests 100000      # open loop: 100 arrivals/s for 30 s
 
 Works against any gateway URL: local gunicorn, `make compose-up`, or a Kubernetes port-forward
 (`kubectl port-forward svc/gateway 9696:80`); run it while `kubectl get hpa -w` shows the autoscaler react.
-CONCURRENCY workers each send one request at a time (a closed loop), cycling through a seeded mix of
-photos from every split and class of the dataset folder, until REQUESTS have been sent. A progress line
-shows the rate and errors as it goes; the summary gives throughput, p50/p95/p99 latency of the
-successful requests, and errors by HTTP status and the gateway's error code.
+
+- Closed loop (the default): CONCURRENCY clients each send one request at a time, the next as soon as the
+  last is answered. Their rate follows the gateway's: good for throughput, blind to a queue.
+- Open loop (`--rate`): requests arrive at random times at that mean rate, whatever the answers do, as from
+  many independent users, and latency counts from each arrival. This is how overload is measured.
+- `--honour-retry-after`: a polite client; after `503` with `Retry-After` it waits that long and sends the
+  same request again (up to 3 times).
+
+Both loops cycle through a seeded mix of photos from every split and class of the dataset folder and stop at
+REQUESTS or after `--duration` seconds. A progress line shows the rate and errors as it goes; the summary
+gives throughput, p50/p95/p99 latency of the successful requests, the requests shed (`503 overloaded`),
+the other errors by HTTP status and the gateway's error code, and apart from all of those the requests that
+got no HTTP answer at all (refused, reset, closed, timed out).
 
 Photos are uploaded by default, since a gateway elsewhere cannot fetch files from this machine.
 `--send url` sends {"url": …} instead: with `--photo-base-url` pointing at a copy of the dataset folder
 the gateway can reach, or else this script serves the folder itself on `--serve-host` (then the gateway
-must be allowed to fetch from it, e.g. FETCH_ALLOW_HOSTS=127.0.0.1 for a local gateway).
+must be allowed to fetch from it, e.g. FETCH_ALLOW_HOSTS=127.0.0.1 for a local gateway). Each request is
+encoded once and sent with http.client on keep-alive connections, so the generator, which shares the
+machine with what it measures, costs little CPU.
 
-Exit status: 0 when every request got a 2xx, 1 otherwise, 2 for bad arguments. Needs only the standard
-library and requests.
+Exit status: 0 when every request got a 2xx, 1 otherwise, 2 for bad arguments. Needs only the standard library.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
 import http.server
 import json
 import math
 import os
 import random
+import ssl
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
-
-import requests
+from urllib.parse import quote, urlsplit
 
 from contract import GATEWAY_PORT
 
@@ -53,9 +65,13 @@ class Photo:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: int | None  # None: no HTTP answer (refused, reset, timed out)
-    seconds: float
+    status: int | None  # None: no HTTP answer at all (refused, reset, closed, timed out)
+    seconds: float  # from when the request was due (open loop: its scheduled arrival) to its answer
     error: str = ""  # the gateway's error code, or the exception's name when there was no answer
+    retries: int = 0  # times it was sent again after a 503 with Retry-After (--honour-retry-after)
+    finished: float = 0.0  # time.monotonic() of the answer
+    queue_ms: float | None = None  # with --detail: the gateway's own timings, waiting for admission
+    service_ms: float | None = None  # and working on it (its total minus the wait)
 
 
 def pick_photos(dataset: Path, count: int, seed: int = 1) -> list[Photo]:
@@ -92,14 +108,27 @@ class Summary:
     outcomes: list[Outcome]
     seconds: float  # wall time of the whole run
     requested: int = 0
+    mode: str = "closed"  # closed: `clients` each send one request at a time; open: arrivals at `rate` per second
+    clients: int = 0
+    rate: float = 0.0
 
     @property
     def ok(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status is not None and 200 <= o.status < 300]
 
     @property
+    def shed(self) -> list[Outcome]:
+        """Refused by the gateway's admission: 503 overloaded (an answer a client can act on)."""
+        return [o for o in self.outcomes if o.status == 503 and o.error == "overloaded"]
+
+    @property
+    def no_answer(self) -> list[Outcome]:
+        """No HTTP answer at all: what a client cannot act on, apart from the errors the gateway answered."""
+        return [o for o in self.outcomes if o.status is None]
+
+    @property
     def errors(self) -> collections.Counter:
-        """Failed requests by "status code" (e.g. "503 overloaded") or "no answer (ExceptionName)"."""
+        """Answered failures by "status code" (e.g. "503 overloaded"), and "no answer (ExceptionName)"."""
         counts = collections.Counter()
         for o in self.outcomes:
             if o.status is None:
@@ -112,9 +141,14 @@ class Summary:
         latencies = [o.seconds for o in self.ok]
         by_status = collections.Counter(str(o.status) if o.status is not None else "none" for o in self.outcomes)
         return {
+            "mode": self.mode,
+            **({"clients": self.clients} if self.mode == "closed" else {"rate_rps": self.rate}),
             "requested": self.requested,
             "sent": len(self.outcomes),
             "ok": len(latencies),
+            "shed": len(self.shed),
+            "no_answer": len(self.no_answer),
+            "retries": sum(o.retries for o in self.outcomes),
             "seconds": round(self.seconds, 3),
             "throughput_rps": round(len(latencies) / self.seconds, 2) if self.seconds else 0.0,
             "latency_ms": {
@@ -129,18 +163,46 @@ class Summary:
             },
             "status_counts": dict(sorted(by_status.items())),
             "errors": dict(self.errors.most_common()),
+            **self._server_timings(),
+        }
+
+    def _server_timings(self) -> dict:
+        """With --detail: the gateway's own view of the successful requests (waiting, then working)."""
+        queue = [o.queue_ms for o in self.ok if o.queue_ms is not None]
+        service = [o.service_ms for o in self.ok if o.service_ms is not None]
+        if not queue:
+            return {}
+        return {
+            "server_ms": {
+                "queue_p50": round(percentile(queue, 50), 1),
+                "queue_p99": round(percentile(queue, 99), 1),
+                "queue_max": round(max(queue), 1),
+                "service_p50": round(percentile(service, 50), 1),
+                "service_p99": round(percentile(service, 99), 1),
+            }
         }
 
     def report(self) -> str:
         d = self.as_dict()
         ms = d["latency_ms"]
+        offered = f"{d['clients']} clients" if self.mode == "closed" else f"{d['rate_rps']:g} requests/s offered"
         lines = [
-            f"requests    {d['sent']} sent of {d['requested']}, {d['ok']} ok, {d['sent'] - d['ok']} failed "
+            f"requests    {d['sent']} sent of {d['requested']} ({offered}), {d['ok']} ok, {d['sent'] - d['ok']} failed "
             f"in {d['seconds']:.1f} s",
             f"throughput  {d['throughput_rps']:.1f} successful requests/s",
             f"latency     p50 {ms['p50']:.0f} ms   p95 {ms['p95']:.0f} ms   p99 {ms['p99']:.0f} ms   "
             f"(mean {ms['mean']:.0f}, max {ms['max']:.0f}; successful requests)",
+            f"answers     {d['ok']} ok, {d['shed']} shed (503 overloaded), "
+            f"{d['sent'] - d['ok'] - d['shed'] - d['no_answer']} other errors; "
+            f"{d['no_answer']} got no answer at all" + (f"; {d['retries']} polite retries" if d["retries"] else ""),
         ]
+        if "server_ms" in d:
+            t = d["server_ms"]
+            lines.append(
+                f"gateway     waited p50 {t['queue_p50']:.0f} ms, p99 {t['queue_p99']:.0f} ms, "
+                f"max {t['queue_max']:.0f} ms for a slot; worked p50 {t['service_p50']:.0f} ms, "
+                f"p99 {t['service_p99']:.0f} ms"
+            )
         if d["errors"]:
             lines.append("errors      " + "\n            ".join(f"{n:>5} × {k}" for k, n in d["errors"].items()))
         else:
@@ -151,23 +213,26 @@ class Summary:
 class Progress:
     """One line that rewrites itself on a terminal, or a line per tenth of the budget elsewhere (CI logs)."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
+    def __init__(self, total: int, stream=sys.stderr, duration: float | None = None):
+        self.total, self.stream, self.duration = total, stream, duration
         self.tty = stream.isatty()
         self._shown = (0, -1)  # (tenth, done) of the last line written when not on a terminal
 
     def show(self, outcomes: list[Outcome], started: float, final: bool = False) -> None:
         done = len(outcomes)
-        tenth = done * 10 // max(self.total, 1)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        # Progress by time when the run is bounded by time sooner than by count.
+        fraction = min(elapsed / self.duration, 1.0) if self.duration else done / max(self.total, 1)
+        tenth = int(fraction * 10)
         if not self.tty:
             if (tenth <= self._shown[0] and not final) or done == self._shown[1]:
                 return
             self._shown = (tenth, done)
-        elapsed = max(time.monotonic() - started, 1e-9)
         failed = sum(1 for o in outcomes if o.status is None or not 200 <= o.status < 300)
         recent = [o.seconds for o in outcomes[-200:] if o.status is not None and 200 <= o.status < 300]
+        where = f"{elapsed:5.0f}/{self.duration:g} s" if self.duration else f"{done:>6}/{self.total}"
         text = (
-            f"{done:>6}/{self.total} {100 * done / max(self.total, 1):3.0f}%  {done / elapsed:7.1f} req/s  "
+            f"{where} {100 * fraction:3.0f}%  {done / elapsed:7.1f} req/s  "
             f"errors {failed:<5} p50 {percentile(recent, 50) * 1000:5.0f} ms (last 200)"
         )
         if self.tty:
@@ -177,73 +242,251 @@ class Progress:
         self.stream.flush()
 
 
-def _send(session: requests.Session, predict_url: str, photo: Photo, photo_base_url: str, timeout: float) -> Outcome:
-    started = time.perf_counter()
-    try:
-        if photo_base_url:
-            response = session.post(predict_url, json={"url": photo_base_url + quote(photo.name)}, timeout=timeout)
-        else:
-            files = {"image": (Path(photo.name).name, photo.data, "image/jpeg")}
-            response = session.post(predict_url, files=files, timeout=timeout)
-    except requests.RequestException as error:
-        return Outcome(None, time.perf_counter() - started, type(error).__name__)
-    seconds = time.perf_counter() - started
-    code = ""
-    if not response.ok:
+@dataclass(frozen=True)
+class Request:
+    """One request, encoded once: the body and content type of a photo upload or of a {"url": ...} request."""
+
+    body: bytes
+    content_type: str
+
+
+def prepare(photo: Photo, photo_base_url: str = "") -> Request:
+    if photo_base_url:
+        return Request(json.dumps({"url": photo_base_url + quote(photo.name)}).encode(), "application/json")
+    boundary = "loadtest" + hashlib.sha256(photo.data).hexdigest()[:24]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{Path(photo.name).name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return Request(head + photo.data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
+
+
+class NoAnswer(Exception):
+    """The connection ended, or broke the protocol, before a whole HTTP answer came back."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams, sending requests encoded ahead of time.
+
+    The load generator shares the machine with what it measures, so a request must cost it little: one event
+    loop and a few lines of HTTP instead of a thread and an HTTP library per request. It reconnects after a
+    failure or when the server closes."""
+
+    def __init__(self, url: str, timeout: float, detail: bool = False):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be http(s)://host[:port], not {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.timeout = timeout
+        self.path = (parts.path.rstrip("/") or "") + "/predict" + ("?detail=1" if detail else "")
+        self._streams = None
+        self._heads: dict[str, bytes] = {}
+        self.last_used = 0.0  # time.monotonic() of its last answer
+
+    def _head(self, request: Request) -> bytes:
+        key = request.content_type + str(len(request.body))
+        if key not in self._heads:
+            self._heads[key] = (
+                f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {request.content_type}"
+                f"\r\nContent-Length: {len(request.body)}\r\nUser-Agent: loadtest.py\r\n\r\n"
+            ).encode()
+        return self._heads[key]
+
+    async def post(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        if self._streams is not None and time.monotonic() - self.last_used > IDLE_SECONDS:
+            self.close()  # the server may be closing it right now (gunicorn keeps idle connections 5 s)
         try:
-            code = response.json()["error"]["code"]
-        except (ValueError, KeyError, TypeError):
-            code = response.reason or ""  # not the gateway's JSON: a proxy or ingress answered
-    return Outcome(response.status_code, seconds, code)
+            async with asyncio.timeout(self.timeout):  # a deadline on the running task, no task of its own
+                answer = await self._exchange(request)
+        except BaseException:
+            self.close()
+            raise
+        self.last_used = time.monotonic()
+        return answer
+
+    async def _exchange(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+        reader, writer = self._streams
+        writer.write(self._head(request) + request.body)
+        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as error:
+            raise NoAnswer(f"the server closed the connection after {len(error.partial)} bytes of an answer") from None
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        if not version.startswith("HTTP/") or not rest[:3].isdigit():
+            raise NoAnswer(f"not an HTTP answer: {status_line[:40]!r}")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", ""):
+            body = b""
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                body += (await reader.readexactly(size + 2))[:size]  # the chunk and its CRLF
+            await reader.readline()
+        elif "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        else:
+            body = await reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close" or version == "HTTP/1.0":
+            self.close()
+        return int(rest[:3]), headers, body
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+# A connection idle this long is not used again: a server closes idle keep-alive connections after a timeout of
+# its own (gunicorn's is 5 s), and a request sent just as it does so gets no answer. Browsers and HTTP libraries
+# retry such a request on a new connection; this client, which counts every request that got no answer, avoids
+# the race instead, and never retries on its own.
+IDLE_SECONDS = 2.0
+MAX_RETRIES = 3  # polite retries of one request after 503 + Retry-After
+MAX_RETRY_WAIT = 30.0  # seconds; a longer Retry-After is taken as this
+NO_ANSWER = (OSError, EOFError, NoAnswer, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError)
+
+
+async def send(connection: Connection, request: Request, due: float, honour_retry_after: bool = False) -> Outcome:
+    """POST one request; `due` is the perf_counter() time it was meant to go (its latency counts from there)."""
+    retries = 0
+    while True:
+        try:
+            status, headers, body = await connection.post(request)
+        except NO_ANSWER as error:
+            return Outcome(None, time.perf_counter() - due, type(error).__name__, retries, time.monotonic())
+        code, queue_ms, service_ms = "", None, None
+        if status == 503 and b'"code": "overloaded"' in body:
+            code = "overloaded"  # the commonest answer under overload, known without parsing it
+        elif not 200 <= status < 300:
+            try:
+                code = json.loads(body)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = f"not the gateway's JSON ({headers.get('server', 'no Server header')})"
+        elif connection.path.endswith("detail=1"):
+            timings = json.loads(body).get("timings_ms", {})
+            if "queue" in timings and "total" in timings:
+                queue_ms, service_ms = timings["queue"], timings["total"] - timings["queue"]
+        retry_after = headers.get("retry-after", "")
+        if honour_retry_after and status == 503 and retry_after.isdigit() and retries < MAX_RETRIES:
+            await asyncio.sleep(min(float(retry_after), MAX_RETRY_WAIT))
+            retries += 1
+            continue
+        return Outcome(status, time.perf_counter() - due, code, retries, time.monotonic(), queue_ms, service_ms)
 
 
 def run(
     url: str,
     photos: list[Photo],
     requests_total: int,
-    concurrency: int,
+    concurrency: int = 8,
     *,
+    rate: float | None = None,
+    duration: float | None = None,
     photo_base_url: str = "",
     timeout: float = 30.0,
+    honour_retry_after: bool = False,
+    max_outstanding: int = 512,
+    seed: int = 1,
+    detail: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> Summary:
-    """Send `requests_total` POST /predict requests from `concurrency` threads; upload photos unless
-    `photo_base_url` is given (then send {"url": photo_base_url + name}). `stop` ends it early."""
-    predict_url = url.rstrip("/") + "/predict"
+    """Send up to `requests_total` POST /predict requests, for at most `duration` seconds when given.
+
+    Closed loop (no `rate`): `concurrency` clients, each sending its next request when the last is answered.
+    Open loop (`rate` per second): requests arrive at random (Poisson) times at that mean rate, whatever the
+    answers do; each goes on an idle connection (up to `max_outstanding` at once) and its latency counts from
+    its arrival, so a slow gateway cannot slow the load down and hide its queue. Photos are uploaded unless
+    `photo_base_url` is given (then {"url": photo_base_url + name}). `detail` asks for ?detail=1 answers and
+    keeps the gateway's own timings of each. `stop` ends the run early.
+
+    The requests go from one asyncio event loop, in a thread of its own (so this works where a loop already
+    runs, as in a notebook)."""
+    prepared = [prepare(photo, photo_base_url) for photo in photos]
+    Connection(url, timeout)  # a bad URL fails here
+    connect = functools.partial(Connection, url, timeout, detail)
     stop = stop or threading.Event()
     outcomes: list[Outcome] = []
-    lock = threading.Lock()
     issued = 0
-
-    def worker():
-        nonlocal issued
-        with requests.Session() as session:  # one keep-alive connection per worker, as a client would hold
-            while not stop.is_set():
-                with lock:
-                    if issued >= requests_total:
-                        return
-                    index, issued = issued, issued + 1
-                outcome = _send(session, predict_url, photos[index % len(photos)], photo_base_url, timeout)
-                with lock:
-                    outcomes.append(outcome)
-
     started = time.monotonic()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    try:
-        while alive := [t for t in threads if t.is_alive()]:
-            alive[0].join(0.25)  # a short join keeps the main thread free to take Ctrl-C
+    deadline = started + duration if duration else math.inf
+
+    def claim() -> int | None:
+        nonlocal issued
+        if issued >= requests_total or stop.is_set() or time.monotonic() >= deadline:
+            return None
+        issued += 1
+        return issued - 1
+
+    async def closed_client() -> None:
+        connection = connect()
+        while (index := claim()) is not None:
+            request = prepared[index % len(prepared)]
+            outcomes.append(await send(connection, request, time.perf_counter(), honour_retry_after))
+        connection.close()
+
+    async def open_loop() -> None:
+        arrivals = random.Random(seed)  # noqa: S311 (reproducible arrival times, not a secret)
+        idle: list[Connection] = []
+        slots = asyncio.Semaphore(max_outstanding)
+        tasks = set()
+
+        async def job(index: int, due: float) -> None:
+            async with slots:
+                connection = idle.pop() if idle else connect()
+                outcomes.append(await send(connection, prepared[index % len(prepared)], due, honour_retry_after))
+                idle.append(connection)
+
+        due = time.perf_counter()
+        while (index := claim()) is not None:
+            due += arrivals.expovariate(rate)
+            if (pause := due - time.perf_counter()) > 0:
+                await asyncio.sleep(pause)
+            task = asyncio.create_task(job(index, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+        for connection in idle:
+            connection.close()
+
+    async def watch(work) -> None:
+        runner = asyncio.gather(*work)
+        while not runner.done():
+            await asyncio.wait([runner], timeout=0.25)
             if progress:
-                with lock:
-                    snapshot = list(outcomes)
-                progress.show(snapshot, started)
+                progress.show(outcomes, started)
+        await runner
+
+    work = [open_loop()] if rate else [closed_client() for _ in range(concurrency)]
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            asyncio.run(watch(work))
+        except BaseException as error:  # surfaced in the calling thread below
+            failure.append(error)
+
+    thread = threading.Thread(target=loop, name="loadtest", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.25)  # a short join keeps the main thread free to take Ctrl-C
     except KeyboardInterrupt:
         stop.set()
-        for thread in threads:
-            thread.join(timeout + 1)
-    summary = Summary(list(outcomes), time.monotonic() - started, requests_total)
+        thread.join(timeout + 1)
+    if failure:
+        raise failure[0]
+    mode = "open" if rate else "closed"
+    summary = Summary(list(outcomes), time.monotonic() - started, requests_total, mode, concurrency, rate or 0.0)
     if progress:
         progress.show(summary.outcomes, started, final=True)
     return summary
@@ -273,8 +516,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--url", default=f"http://localhost:{GATEWAY_PORT}", help="the gateway's base URL")
-    parser.add_argument("--requests", type=int, default=500, help="how many requests to send in all")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    parser.add_argument("--requests", type=int, default=500, help="how many requests to send in all (at most)")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed loop: clients, each one request at a time")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="open loop instead: requests arrive at this mean rate per second (Poisson), whatever the answers do",
+    )
+    parser.add_argument("--duration", type=float, help="stop sending after this many seconds (and --requests)")
+    parser.add_argument(
+        "--honour-retry-after",
+        action="store_true",
+        help=f"after a 503 with Retry-After, wait that long and send again, up to {MAX_RETRIES} times (polite)",
+    )
+    parser.add_argument("--max-outstanding", type=int, default=512, help="open loop: connections in flight at most")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="folder of .jpg photos (any depth)")
     parser.add_argument("--photos", type=int, default=200, help="distinct photos to cycle through")
     parser.add_argument("--seed", type=int, default=1, help="which photos, in which order")
@@ -287,11 +542,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--serve-host", default="127.0.0.1", help="address to serve the dataset folder on")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    parser.add_argument("--detail", action="store_true", help="ask for ?detail=1 and report the gateway's timings")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "photos"):
+    for name in ("requests", "concurrency", "photos", "max_outstanding"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("rate", "duration"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be more than 0")
     if args.photo_base_url and args.send != "url":
         parser.error("--photo-base-url needs --send url")
     return args
@@ -311,25 +570,38 @@ def main(argv=None) -> int:
         if base and not base.endswith("/"):
             base += "/"
         what = f"URLs under {base}" if base else "uploads"
+        how = f"arriving at {args.rate:g}/s (open loop)" if args.rate else f"{args.concurrency} at a time"
+        within = f" within {args.duration:g} s" if args.duration else ""
         print(
-            f"{args.requests} requests to {args.url}/predict, {args.concurrency} at a time, "
+            f"up to {args.requests} requests{within} to {args.url}/predict, {how}, "
             f"{len(photos)} photos from {args.dataset} as {what}",
             file=sys.stderr,
         )
-        summary = run(
-            args.url,
-            photos,
-            args.requests,
-            args.concurrency,
-            photo_base_url=base,
-            timeout=args.timeout,
-            progress=Progress(args.requests),
-        )
+        try:
+            summary = run(
+                args.url,
+                photos,
+                args.requests,
+                args.concurrency,
+                rate=args.rate,
+                duration=args.duration,
+                photo_base_url=base,
+                timeout=args.timeout,
+                honour_retry_after=args.honour_retry_after,
+                max_outstanding=args.max_outstanding,
+                seed=args.seed,
+                detail=args.detail,
+                progress=Progress(args.requests, duration=args.duration),
+            )
+        except ValueError as error:
+            print(f"loadtest: {error}", file=sys.stderr)
+            return 2
     print(summary.report())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    return 0 if summary.outcomes and len(summary.ok) == len(summary.outcomes) == args.requests else 1
+    expected = len(summary.outcomes) if args.duration else args.requests
+    return 0 if summary.outcomes and len(summary.ok) == len(summary.outcomes) == expected else 1
 
 
 if __name__ == "__main__":
