@@ -240,7 +240,10 @@ bench-model-server: $(ENV_STAMP) ## Benchmark model_server.py against in-process
 # Each writes bench/<name>.md and bench/<name>.json (git-ignored); bench/README.md says what each holds.
 # QUICK=1: smoke runs with small counts. SKIP_INSTALL_SIZE=1: no pip install of [packages] (needs PyPI).
 
-.PHONY: bench-gateway bench
+.PHONY: bench-gateway bench-load bench
+
+bench-load: $(ENV_STAMP) ## The gateway on `make serve` defaults, 1 to 64 clients and 0.5x to 3x capacity (bench/load.md, load.png; SWEEP=1: other admission settings)
+	$(RUN) python bench/bench_load.py $(if $(QUICK),--quick) $(if $(SWEEP),--sweep)
 
 bench-gateway: $(ENV_STAMP) ## Gateway vs direct Predict and the course's approach, draft mode, install size, import time (bench/gateway.md)
 	$(RUN) python bench/bench_gateway.py $(if $(QUICK),--quick) $(if $(SKIP_INSTALL_SIZE),--skip-install-size)
@@ -250,6 +253,7 @@ bench: $(ENV_STAMP) ## All benchmarks and notebook 03's full mode, then one repo
 	$(MAKE) bench-model-server
 	$(MAKE) bench-gateway
 	$(MAKE) bench-experiments
+	$(MAKE) bench-load
 	$(RUN) python bench/report.py
 
 # ---- experiments and load ------------------------------------------------------------------------
@@ -257,6 +261,9 @@ bench: $(ENV_STAMP) ## All benchmarks and notebook 03's full mode, then one repo
 URL ?= http://localhost:9696
 REQUESTS ?= 500
 CONCURRENCY ?= 8
+# Open loop instead: RATE requests per second (Poisson arrivals), for DURATION seconds.
+RATE ?=
+DURATION ?=
 # More loadtest.py flags, e.g. LOADTEST_ARGS="--send url --photo-base-url https://…/clothing-dataset-small/".
 LOADTEST_ARGS ?=
 # Notebook 03's model: auto (the course model after `make model`, else the stand-in), stand-in or xception-random.
@@ -269,5 +276,6 @@ bench-experiments: $(ENV_STAMP) ## Notebook 03 in full mode (minutes; QUICK=1: q
 	$(RUN) papermill notebooks/03-grpc-experiments.ipynb build/notebooks/03-grpc-experiments.ipynb \
 	  -p mode $(if $(QUICK),quick,full) -p model $(EXPERIMENTS_MODEL) -p results_json bench/experiments.json --cwd .
 
-load-test: $(ENV_STAMP) ## Send REQUESTS photos, CONCURRENCY at a time, to the gateway at URL; throughput, p50/p95/p99, errors
-	$(RUN) python loadtest.py --url $(URL) --requests $(REQUESTS) --concurrency $(CONCURRENCY) $(LOADTEST_ARGS)
+load-test: $(ENV_STAMP) ## Send REQUESTS photos, CONCURRENCY at a time (or RATE per second for DURATION s), to URL
+	$(RUN) python loadtest.py --url $(URL) --requests $(REQUESTS) --concurrency $(CONCURRENCY) \
+	  $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(LOADTEST_ARGS)

@@ -40,12 +40,12 @@ from unittest import mock
 import numpy as np
 import psutil
 import requests
-from common import BENCH, ROOT, latency_ms, machine, machine_line, markdown_table, target, targets_table
+from common import BENCH, ROOT, latency_ms, machine, machine_line, markdown_table, prepare_model, target, targets_table
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
-from contract import CLASSES, INPUT_NAME, MODEL_BASE_PATH, MODEL_NAME, OUTPUT_NAME
+from contract import CLASSES, INPUT_NAME, OUTPUT_NAME
 from gateways import running_gateway
 from servers import running_model_server
 
@@ -100,34 +100,6 @@ def photo_host(site: Path):
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
-
-
-def prepare_model(work: Path) -> tuple[Path, str]:
-    """A TF Serving base folder: models/clothing-model when `make model` made one, else the stand-in
-    converted by notebook 01 exactly as `make model` converts the course model."""
-    real = ROOT / MODEL_BASE_PATH
-    if any(real.glob("*/saved_model.pb")):
-        return real, f"{MODEL_BASE_PATH} (made by `make model`: the course model unless MODEL_H5 named another)"
-    import papermill
-
-    h5 = work / "standin.h5"
-    build = (
-        "import sys; from pathlib import Path; from standin import save_standin_h5; save_standin_h5(Path(sys.argv[1]))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([sys.executable, "-c", build, str(h5)], cwd=ROOT, env=env, check=True)
-    base = work / "models" / MODEL_NAME
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "01-convert-model.ipynb"),
-        str(work / "01-convert-model.ipynb"),
-        parameters={"model_h5": str(h5), "output_base": str(base), "version": 1},
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
-    return base, (
-        "the stand-in (tests/standin.py: the course model's structure and names at reduced width, random "
-        "weights), converted by notebook 01; the course model is not reachable here"
-    )
 
 
 def worker_cpu_seconds(master: subprocess.Popen) -> float:

@@ -64,15 +64,9 @@ def build_standin():
 
 
 def build_xception():
-    import tf_keras as keras
+    from standin import build_xception_size
 
-    keras.utils.set_random_seed(1)
-    base = keras.applications.Xception(weights=None, input_shape=(299, 299, 3), include_top=False)
-    inputs = keras.Input(shape=(299, 299, 3), name=INPUT_NAME)
-    vectors = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
-    inner = keras.layers.Dense(100, activation="relu")(vectors)
-    outputs = keras.layers.Dense(10, name=OUTPUT_NAME)(keras.layers.Dropout(0.2)(inner))
-    return keras.Model(inputs, outputs)
+    return build_xception_size()
 
 
 MODELS = {"standin": ("stand-in (tests/standin.py)", build_standin), "xception": ("Xception-size", build_xception)}

@@ -116,7 +116,8 @@ def targets_table(targets: list[dict], part: str | None = None) -> str:
             t["name"],
             t["target"],
             f"{t['measured']:.4g} {t['unit']}".strip(),
-            f"{t['ratio']:.4f}",  # enough digits that a near miss does not print as the limit
+            # enough digits that a near miss does not print as the limit; none for a count that must be zero
+            "" if t["ratio"] is None else f"{t['ratio']:.4f}",
             "met" if t["met"] else "**not met**",
         ]
         for t in targets
@@ -129,3 +130,33 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def prepare_model(work: Path) -> tuple[Path, str]:
+    """A TF Serving base folder: models/clothing-model when `make model` made one, else the stand-in
+    converted by notebook 01 exactly as `make model` converts the course model."""
+    from contract import MODEL_BASE_PATH, MODEL_NAME
+
+    real = ROOT / MODEL_BASE_PATH
+    if any(real.glob("*/saved_model.pb")):
+        return real, f"{MODEL_BASE_PATH} (made by `make model`: the course model unless MODEL_H5 named another)"
+    import papermill
+
+    h5 = work / "standin.h5"
+    build = (
+        "import sys; from pathlib import Path; from standin import save_standin_h5; save_standin_h5(Path(sys.argv[1]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", build, str(h5)], cwd=ROOT, env=env, check=True)
+    base = work / "models" / MODEL_NAME
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "01-convert-model.ipynb"),
+        str(work / "01-convert-model.ipynb"),
+        parameters={"model_h5": str(h5), "output_base": str(base), "version": 1},
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return base, (
+        "the stand-in (tests/standin.py: the course model's structure and names at reduced width, random "
+        "weights), converted by notebook 01; the course model is not reachable here"
+    )

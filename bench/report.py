@@ -2,8 +2,8 @@
 
     python bench/report.py        (make bench runs every benchmark, then this)
 
-Reads bench/model_server.json, bench/gateway.json and bench/experiments.json (notebook 03's full
-mode); a part that has not been run is listed as "not run". The report describes the machine, lists
+Reads bench/model_server.json, bench/gateway.json, bench/experiments.json (notebook 03's full
+mode) and bench/load.json; a part that has not been run is listed as "not run". The report describes the machine, lists
 every target the issues set with what was measured and whether it was met, then includes each part's
 own markdown report.
 """
@@ -19,6 +19,7 @@ PARTS = {  # file stem -> what it measures and the make target that writes it
     "model_server": ("model tier: model_server.py against in-process TensorFlow", "make bench-model-server"),
     "gateway": ("gateway: added latency, CPU, the course's approach, draft mode, install size", "make bench-gateway"),
     "experiments": ("notebook 03, full mode", "make bench-experiments"),
+    "load": ("gateway under load: closed loop 1-64 clients, open loop 0.5x-3x capacity", "make bench-load"),
 }
 
 
