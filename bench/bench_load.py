@@ -194,7 +194,8 @@ def run_rows(stack: dict, photos, options: dict) -> tuple[list[dict], float]:
     for row, factor in zip(rows[len(CLIENTS) :], RATE_FACTORS, strict=True):
         row["factor"] = factor
     for row in rows:
-        print(f"  {describe(row)}: {row['goodput']:.1f}/s (runs {', '.join(f'{g:.1f}' for g in row['goodput_runs'])}), p99 {row['p99_ms']:.0f} ms")
+        runs = ", ".join(f"{g:.1f}" for g in row["goodput_runs"])
+        print(f"  {describe(row)}: {row['goodput']:.1f}/s (runs {runs}), p99 {row['p99_ms']:.0f} ms")
     return rows, max(row["goodput"] for row in rows[: len(CLIENTS)])
 
 
