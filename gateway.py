@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -40,6 +41,7 @@ from prometheus_client import (
 )
 from werkzeug.exceptions import HTTPException
 
+import contract
 import protobuf
 from contract import CLASSES, DEFAULT_TF_SERVING_HOST, IMAGE_SIZE, MODEL_NAME, SIGNATURE_NAME, TF_SERVING_HOST_ENV
 from safe_fetch import FetchError, FetchPolicy, fetch_image
@@ -515,6 +517,12 @@ def _openapi() -> dict:
                     },
                 }
             },
+            "/": {
+                "get": {
+                    "summary": "A page to try the classifier in a browser (it calls POST /predict?detail=1)",
+                    "responses": {"200": {"description": "the page", "content": {"text/html": {}}}},
+                }
+            },
             "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {
                 "get": {
@@ -710,6 +718,19 @@ class FrontDoor:
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "app"
+# The page lies beside the repository's modules (contract.py), in a checkout and in the image alike.
+PAGE_FILE = Path(contract.__file__).with_name("gateway.html")
+# The page may talk to this gateway and show local images (blobs), nothing else: it loads and sends nothing
+# anywhere, and no other site may frame it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
 def create_app(settings: Settings | None = None, client: ModelClient | None = None) -> Flask:
     """The gateway as a Flask app; settings from the environment unless given."""
     settings = settings or Settings.from_env()
@@ -846,6 +867,14 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             },
             timings_ms=timings,
         )
+
+    page = PAGE_FILE.read_bytes() if PAGE_FILE.is_file() else None
+
+    @app.get("/")
+    def index():
+        if page is None:
+            raise GatewayError(404, "not_found", f"the page is not installed: no {PAGE_FILE.name} beside contract.py")
+        return Response(page, mimetype="text/html", headers=PAGE_HEADERS)
 
     @app.get("/healthz")
     def healthz():

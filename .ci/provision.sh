@@ -1,5 +1,5 @@
 # What only CI needs from the system, sourced by .ci/run: a Docker engine with the compose and buildx plugins,
-# and the tools the container tests use (mmdebstrap for a stand-in base image). `make test` never installs
+# the tools the container tests use (mmdebstrap for a stand-in base image), and chromium for the page test. `make test` never installs
 # system software; where these are missing it skips the tests that need them and says why.
 #
 # Everything started here is stopped again on exit (the trap below), whatever the tests did.
@@ -112,4 +112,17 @@ ci_stop_dockerd() {
   kill -KILL "$pid" 2>/dev/null || true
   ci_say "dockerd stopped"
   rm -f "$log"
+}
+
+# Debian's chromium for the page test (Playwright drives it; its own browser downloads are never used).
+ci_browser() {
+  if ! command -v chromium >/dev/null 2>&1; then
+    if ! ci_can_apt; then
+      ci_say "no chromium, and no root with apt to install it: the browser test will skip"
+      return 0
+    fi
+    ci_apt_install chromium
+  fi
+  ci_say "$(chromium --version 2>/dev/null | head -n 1)"
+  export ZOOMCAMP_REQUIRE_BROWSER=1
 }

@@ -44,7 +44,7 @@ COMPOSE_MODEL_SERVER = ROOT / "docker-compose.model-server.yaml"
 # What the model-server image needs at run time.
 MODEL_SERVER_FILES = {"model_server.py", "contract.py"}
 # What the gateway image needs at run time, per the gateway's contract.
-GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py"}
+GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py", "gateway.html"}
 GATEWAY_CMD = ["gunicorn", "--config", "gunicorn.conf.py", "gateway:app"]
 MODEL_DIR_IN_IMAGE = f"/{contract.MODEL_BASE_PATH}/1"
 BIN = Path(sys.executable).parent
@@ -212,7 +212,8 @@ def imports_of(path: Path) -> set[str]:
 
 
 def existing_gateway_files() -> list[Path]:
-    return [ROOT / name for name in sorted(GATEWAY_FILES) if (ROOT / name).is_file()]
+    """The gateway image's Python files (it also carries gateway.html, the page)."""
+    return [ROOT / name for name in sorted(GATEWAY_FILES) if name.endswith(".py") and (ROOT / name).is_file()]
 
 
 # ---- real validators --------------------------------------------------------------------------------

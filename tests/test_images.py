@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -49,6 +50,9 @@ def test_gateway_image_runs_locked_down_and_turns_healthy(gateway_image):
         denied = run(["docker", "exec", name, "touch", "/app/x"], check=False)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr
         run(["docker", "exec", name, "touch", "/tmp/x"])
+        # The page ships in the image.
+        page = requests.get(f"http://{address(name)}:{contract.GATEWAY_PORT}/", timeout=10)
+        assert page.status_code == 200 and "<title>Clothing classifier</title>" in page.text
         # The gateway's runtime is TensorFlow-free: it speaks TF Serving's protobufs through protobuf.py.
         tf = run(["docker", "exec", name, "python", "-c", "import tensorflow"], check=False)
         assert tf.returncode != 0 and "No module named 'tensorflow'" in tf.stderr

@@ -1,0 +1,126 @@
+"""The gateway's page (GET /), in a real headless browser: Debian's chromium driven by Playwright.
+
+The gateway runs under gunicorn in front of model_server.py with the stand-in, as `make serve` runs them. The
+test uploads a photo it makes, waits for the chart, checks every bar against the API's own answer for the same
+bytes, checks what the page says for a URL the gateway refuses, and saves a screenshot to build/page.png.
+
+Where no chromium is installed this skips and says why; `.ci/run` installs it and sets ZOOMCAMP_REQUIRE_BROWSER=1,
+and then a missing browser fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import requests
+
+import photos
+from conftest import ROOT
+from contract import CLASSES
+from gateways import running_gateway
+from servers import running_model_server
+
+SCREENSHOT = ROOT / "build" / "page.png"
+# Without these, chromium on a machine with no internet tries its background services and logs the failures.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    reason = "no chromium on PATH (Debian: apt install chromium; or set CHROMIUM to a Chromium executable)"
+    if os.environ.get("ZOOMCAMP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (ZOOMCAMP_REQUIRE_BROWSER=1: this machine is meant to run the browser test)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def served(model_base, tmp_path_factory):
+    with (
+        running_model_server(model_base, rest_api_port=0) as server,
+        running_gateway(server.grpc_target, tmp_path_factory.mktemp("page-gateway"), workers=1) as gw,
+    ):
+        yield gw
+
+
+def test_the_page_is_self_contained_and_forbids_loading_anything_else(served):
+    response = requests.get(f"{served.url}/", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/html")
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "img-src blob:" in policy
+    html = response.text
+    # No other origin anywhere in the page: no CDN, no fonts, no analytics.
+    assert "http://" not in html and "https://…" in html and html.count("https://") == 1
+    assert "<link" not in html and 'src="http' not in html
+
+
+def test_a_dropped_photo_becomes_a_chart_that_matches_the_api(served, browser, tmp_path):
+    photo = tmp_path / "shirt.jpg"
+    photo.write_bytes(photos.jpeg(seed=21, exif_orientation=1))
+    expected = requests.post(
+        f"{served.url}/predict?detail=1&top_k=10", files={"image": photo.read_bytes()}, timeout=30
+    ).json()
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    failures = []
+    page.on("requestfailed", lambda request: failures.append(request.url))
+    outside = []  # anything but this gateway and the photo's local blob
+
+    def watch(request):
+        if not request.url.startswith((served.url, f"blob:{served.url}")):
+            outside.append(request.url)
+
+    page.on("request", watch)
+    page.goto(f"{served.url}/")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#bars .bar", timeout=30_000)
+    bars = page.eval_on_selector_all("#bars .bar", "rows => rows.map(r => [r.dataset.class, +r.dataset.probability])")
+    probabilities = expected["predictions"][0]["probabilities"]
+    assert sorted(name for name, _ in bars) == sorted(CLASSES)
+    for name, probability in bars:
+        assert probability == pytest.approx(probabilities[name], abs=1e-9), name
+    assert [p for _, p in bars] == sorted((p for _, p in bars), reverse=True), "the bars are ranked"
+    top = page.eval_on_selector("#bars .bar.top", "row => row.dataset.class")
+    assert top == max(probabilities, key=probabilities.get) == expected["predictions"][0]["top"][0]["class"]
+    model = expected["model"]
+    assert page.inner_text('[data-key="model"]') == f"{model['name']}, version {model['version']}"
+    assert "ms in all" in page.inner_text('[data-key="timings"]')
+    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == photos.PHOTO_SIZE[0]
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert not failures and not outside, (failures, outside)
+    page.close()
+
+
+def test_a_refused_url_is_explained(served, browser):
+    page = browser.new_page()
+    page.goto(f"{served.url}/")
+    page.fill("#url", "http://127.0.0.1:9/photo.jpg")  # loopback: the gateway refuses it before connecting
+    page.click("#go")
+    page.wait_for_selector("#error[data-code]", timeout=30_000)
+    assert page.get_attribute("#error", "data-code") == "url_blocked"
+    text = page.inner_text("#error")
+    assert "only from public addresses" in text and "request " in text
+    assert page.is_hidden("#result")
+    page.close()
