@@ -36,6 +36,24 @@ GATEWAY_PY ?= gateway.py
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
+# ---- notebooks ----------------------------------------------------------------------------------
+
+# The project's kernel: the environment's Python, with the repository and tests/ on its path, so a notebook
+# (or a new one) imports contract.py and the other modules from wherever it is opened.
+LAB_KERNEL := zoomcamp-10
+LAB_PORT ?= 8888
+
+.PHONY: lab lab-kernel
+
+lab: lab-kernel ## JupyterLab on the notebooks, with this project's kernel (Ctrl-C stops it)
+	$(RUN) jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) \
+	  --MappingKernelManager.default_kernel_name=$(LAB_KERNEL) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab-kernel: $(ENV_STAMP) ## Register the project's Jupyter kernel "zoomcamp-10" inside .venv (make lab does it)
+	@$(RUN) python -m ipykernel install --sys-prefix --name $(LAB_KERNEL) \
+	  --display-name "Python 3.11 (zoomcamp-10)" --env PYTHONPATH "$(CURDIR):$(CURDIR)/tests" >/dev/null
+	@echo "kernel $(LAB_KERNEL): $$($(RUN) python -c 'import sys; print(sys.executable)'), PYTHONPATH $(CURDIR):$(CURDIR)/tests"
+
 # ---- environment and model (foundation) -------------------------------------------------------
 
 setup: $(ENV_STAMP) ## Install pipenv if missing, then the locked environment (.venv)

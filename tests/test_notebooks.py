@@ -78,3 +78,47 @@ def test_notebook_functions_through_testbook(dataset):
         ours, create_preprocessor("xception", target_size=(299, 299)).from_path(str(photo))[0]
     )
     assert list(answer.values()) == list(range(10))
+
+
+# ---- make lab -------------------------------------------------------------------------------------------
+
+
+def test_make_lab_registers_the_project_kernel_and_it_imports_the_project_from_anywhere(tmp_path):
+    """`make lab-kernel` (what `make lab` runs before JupyterLab): the named kernel in .venv, the environment's
+    Python, and the repository's modules importable from a notebook opened in any folder. No browser."""
+    import sys
+
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    result = subprocess.run(["make", "-s", "lab-kernel"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spec = KernelSpecManager().get_kernel_spec("zoomcamp-10")
+    assert spec.argv[0] == sys.executable and spec.display_name == "Python 3.11 (zoomcamp-10)"
+    assert spec.env["PYTHONPATH"].split(":") == [str(ROOT), str(ROOT / "tests")]
+    outputs = []
+    manager = KernelManager(kernel_name="zoomcamp-10")
+    manager.start_kernel(cwd=str(tmp_path))
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive(
+            "import os, contract, gateway, standin; print(os.getcwd(), contract.MODEL_NAME)",
+            timeout=120,
+            output_hook=outputs.append,
+        )
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    printed = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert printed.split() == [str(tmp_path), "clothing-model"]
+
+
+def test_make_lab_opens_the_notebooks_folder_with_that_kernel():
+    dry = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "jupyter lab --notebook-dir=notebooks" in dry
+    assert "--MappingKernelManager.default_kernel_name=zoomcamp-10" in dry
+    listed = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    assert "lab " in listed[1], "make help lists lab first among the commands"
