@@ -25,13 +25,15 @@ MODEL_BASE := models/$(MODEL_NAME)
 MODEL_VERSION ?= 1
 # A local copy of the course's xception_v4_large_08_0.894.h5 skips the download.
 MODEL_H5 ?=
+# Where to download it from (empty: notebook 01's default, the course's release).
+MODEL_URL ?=
 GRPC_PORT ?= 8500
 REST_PORT ?= 8501
 GATEWAY_PORT ?= 9696
 
 GATEWAY_PY ?= gateway.py
 
-.PHONY: help setup model model-if-missing convert demo serve test lint
+.PHONY: help setup model model-if-missing convert demo standin-model serve test lint
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -68,7 +70,8 @@ $(ENV_STAMP): Pipfile.lock
 model: $(ENV_STAMP) ## Convert the course model to a SavedModel in models/clothing-model/<version> (notebook 01)
 	@mkdir -p build/notebooks
 	@$(RUN) papermill notebooks/01-convert-model.ipynb build/notebooks/01-convert-model.ipynb \
-	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) --cwd . || { \
+	  -p model_h5 "$(MODEL_H5)" -p output_base "$(MODEL_BASE)" -p version $(MODEL_VERSION) \
+	  $(if $(MODEL_URL),-p model_url "$(MODEL_URL)") --cwd . || { \
 	  echo ""; echo "make model failed (the error is above; the executed notebook is build/notebooks/01-convert-model.ipynb)."; \
 	  echo "Where the course model cannot be downloaded, get xception_v4_large_08_0.894.h5 elsewhere and run:"; \
 	  echo "  make model MODEL_H5=/path/to/xception_v4_large_08_0.894.h5   (or: make demo MODEL_H5=...)"; exit 1; }
@@ -86,9 +89,30 @@ convert: $(ENV_STAMP) ## Write gateway.py from the cells of notebooks/02 tagged 
 	$(RUN) ruff format --quiet --config line-length=120 $$tmp/gateway.py && \
 	mv $$tmp/gateway.py $(GATEWAY_PY) && rmdir $$tmp && echo "wrote $(GATEWAY_PY)"
 
+# Where the course model cannot be had (and no MODEL_H5 was given), `make demo` runs on the test suite's stand-in,
+# converted by notebook 01 into build/ (never into models/, where it could pass for the real one).
+STANDIN_DIR := build/standin
+STANDIN_BASE := $(STANDIN_DIR)/models/$(MODEL_NAME)
+LOCAL_STACK_PORTS = --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
+
 demo: $(ENV_STAMP) ## The main job: model, both tiers locally, classify the pants photo, stop everything
-	@$(MAKE) --no-print-directory model-if-missing
-	@$(RUN) python local_stack.py demo --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
+	@if $(MAKE) --no-print-directory model-if-missing; then \
+	  $(RUN) python local_stack.py demo $(LOCAL_STACK_PORTS); \
+	elif [ -z "$(MODEL_H5)" ]; then \
+	  echo ""; echo "*** No course model: the demo goes on with the test suite's STAND-IN (random weights). ***"; \
+	  $(MAKE) --no-print-directory standin-model && \
+	  $(RUN) python local_stack.py demo --stand-in --model-base $(STANDIN_BASE) $(LOCAL_STACK_PORTS); \
+	else exit 1; fi
+
+standin-model: $(ENV_STAMP) ## The test suite's stand-in (random weights), converted by notebook 01 into build/standin
+	@ls $(STANDIN_BASE)/*/saved_model.pb >/dev/null 2>&1 || { \
+	  mkdir -p $(STANDIN_DIR) && \
+	  PYTHONPATH=tests $(RUN) python -c "import sys, pathlib, standin; standin.save_standin_h5(pathlib.Path(sys.argv[1]))" \
+	    $(STANDIN_DIR)/standin.h5 && \
+	  $(RUN) papermill notebooks/01-convert-model.ipynb $(STANDIN_DIR)/01-convert-model.ipynb --cwd . \
+	    -p model_h5 $(STANDIN_DIR)/standin.h5 -p output_base $(STANDIN_BASE) -p version 1 --log-level WARNING \
+	    --no-progress-bar && \
+	  echo "stand-in converted: $(STANDIN_BASE)/1"; }
 
 serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) until Ctrl-C
 	@$(MAKE) --no-print-directory model-if-missing

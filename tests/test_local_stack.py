@@ -93,3 +93,51 @@ def test_missing_model_and_busy_ports_are_explained(tmp_path, model_base, ports)
         busy.listen()
         taken = subprocess.run(_command("demo", model_base, ports), cwd=ROOT, capture_output=True, text=True)
     assert taken.returncode == 1 and f"port {ports[0]} (gRPC) is in use" in taken.stdout
+
+
+def test_make_demo_without_the_course_model_runs_the_labelled_stand_in(tmp_path, ports):
+    """The course model's download fails (here: a URL that refuses at once) and no MODEL_H5 is given: the demo
+    says so, serves the stand-in converted into build/ (here tmp_path), labels its answer, and exits 0."""
+    grpc, rest, gateway = ports
+    done = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "demo",
+            "MODEL_URL=http://127.0.0.1:9/xception_v4_large_08_0.894.h5",
+            f"MODEL_BASE={tmp_path / 'no-model'}",
+            f"STANDIN_DIR={tmp_path / 'standin'}",
+            f"GRPC_PORT={grpc}",
+            f"REST_PORT={rest}",
+            f"GATEWAY_PORT={gateway}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "No course model: the demo goes on with the test suite's STAND-IN (random weights)" in out
+    assert "STAND-IN MODEL" in out and "MEAN NOTHING" in out
+    assert "classified " in out and "  1. " in out
+    assert "For real answers: get xception_v4_large_08_0.894.h5" in out and "make demo MODEL_H5=" in out
+    assert (tmp_path / "standin" / "models" / "clothing-model" / "1" / "saved_model.pb").is_file()
+    assert not (tmp_path / "no-model").exists(), "the stand-in never takes the real model's place"
+    assert not _listening(set(ports))
+
+
+def test_demo_without_a_dataset_photo_still_classifies_one(model_base, ports, tmp_path):
+    """No dataset beside the repository: the course's URL, or where that cannot be fetched, a photo made here."""
+    done = subprocess.run(
+        _command("demo", model_base, ports, f"--photo={tmp_path / 'absent.jpg'}", "--stand-in"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "classified http://bit.ly/mlbookcamp-pants" in done.stdout or (
+        "cannot be fetched from here" in done.stdout and "classified a photo made by tests/photos.py" in done.stdout
+    )
+    assert "RANDOM WEIGHTS" in done.stdout
