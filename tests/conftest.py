@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # The photos live beside the repository, never in it; CLOTHING_DATASET points elsewhere if needed.
 DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
-# The course's example photo (its published logits are in test_course_model.py), relative to DATASET.
+# The course's example photo (its published logits are in test_course_model.py), relative to DATASET (and to
+# photo_folder, which has a made photo by that name).
 PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
 
 # Quiet TensorFlow's C++ start-up lines in this process and in every process the tests start.
@@ -63,6 +64,31 @@ def converted(standin_h5, tmp_path_factory) -> SimpleNamespace:
 def model_base(converted) -> Path:
     """A TF Serving base directory (<base>/1/saved_model.pb) holding the converted stand-in."""
     return converted.base
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """Photos the suite makes itself (tests/photos.py), laid out like the dataset: <split>/<class>/<name>.jpg,
+    with the course's pants photo at PANTS. test/ and validation/ hold plain 400x533 JPEGs like the dataset's (what
+    keras-image-helper reads the same way as the gateway); train/ adds phone-sized 1600x1200 ones and ones with an
+    EXIF orientation tag. What the tests use wherever real photos do not matter."""
+    from contract import CLASSES
+    from photos import PHOTO_SIZE, jpeg
+
+    folder = tmp_path_factory.mktemp("photos")
+    seed = 0
+    for split in ("train", "validation", "test"):
+        for name in CLASSES:
+            (folder / split / name).mkdir(parents=True)
+            for index in range(3):
+                seed += 1
+                varied = split == "train"
+                size = (1600, 1200) if varied and index == 1 else PHOTO_SIZE
+                orientation = 6 if varied and index == 2 else None
+                photo = jpeg(seed, size, exif_orientation=orientation)
+                (folder / split / name / f"made-{index}.jpg").write_bytes(photo)
+    (folder / PANTS).write_bytes(jpeg(4242))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick_run(model_base, dataset, tmp_path_factory):
+def quick_run(model_base, photo_folder, tmp_path_factory):
     import papermill
 
     out = tmp_path_factory.mktemp("experiments")
@@ -32,7 +32,7 @@ def quick_run(model_base, dataset, tmp_path_factory):
         parameters={
             "mode": "quick",
             "model_base_path": str(model_base),
-            "dataset": str(dataset),
+            "dataset": str(photo_folder),
             "output_dir": str(out),
         },
         cwd=str(ROOT),

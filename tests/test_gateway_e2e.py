@@ -1,4 +1,4 @@
-"""Gateway -> model server -> SavedModel, for real: gunicorn, gRPC, the converted stand-in, dataset photos."""
+"""Gateway -> model server -> SavedModel, for real: gunicorn, gRPC, the converted stand-in, photos the suite makes."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ def model_server(model_base):
 
 
 @pytest.fixture(scope="module")
-def photos(dataset):
-    """The dataset folder over HTTP on 127.0.0.1, as a stranger's image host."""
+def photos(photo_folder):
+    """The photo folder over HTTP on 127.0.0.1, as a stranger's image host."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(photo_folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -57,15 +57,15 @@ def _keras_logits(standin_keras, paths):
     return standin_keras(batch, training=False).numpy()
 
 
-def test_the_course_request_works_unchanged(served, photos, dataset, standin_keras):
+def test_the_course_request_works_unchanged(served, photos, photo_folder, standin_keras):
     answer = requests.post(f"{served.url}/predict", json={"url": f"{photos}/{PANTS}"}, timeout=30).json()
     assert list(answer) == list(CLASSES)
-    expected = _keras_logits(standin_keras, [dataset / PANTS])[0]
+    expected = _keras_logits(standin_keras, [photo_folder / PANTS])[0]
     np.testing.assert_allclose(list(answer.values()), expected, atol=1e-4)
 
 
-def test_a_batch_of_dataset_photos_equals_in_process_keras(served, dataset, standin_keras):
-    paths = [sorted((dataset / "validation" / name).glob("*.jpg"))[0] for name in CLASSES[:8]]
+def test_a_batch_of_photos_equals_in_process_keras(served, photo_folder, standin_keras):
+    paths = [sorted((photo_folder / "validation" / name).glob("*.jpg"))[0] for name in CLASSES[:8]]
     files = {f"image{i}": (p.name, p.read_bytes(), "image/jpeg") for i, p in enumerate(paths)}
     response = requests.post(f"{served.url}/predict", files=files, timeout=60)
     assert response.status_code == 200, response.text
@@ -94,12 +94,12 @@ def test_metrics_add_up_across_gunicorn_workers(model_server, tmp_path):
         assert healthz_count(gw.url) - before == 20  # whichever worker answers /metrics
 
 
-def test_the_gateway_never_loads_tensorflow(model_server, dataset):
+def test_the_gateway_never_loads_tensorflow(model_server, photo_folder):
     code = f"""
 import sys
 import gateway
 app = gateway.create_app(gateway.Settings(tf_serving_host={model_server.grpc_target!r}))
-data = open({str(dataset / PANTS)!r}, "rb").read()
+data = open({str(photo_folder / PANTS)!r}, "rb").read()
 response = app.test_client().post("/predict", data=data, content_type="image/jpeg")
 assert response.status_code == 200, response.get_data(as_text=True)
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_serving", "keras", "tf_keras")))
@@ -109,9 +109,9 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensor
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_model_server_down_gives_503_fast_and_recovers_without_gateway_restart(model_base, dataset, tmp_path):
+def test_model_server_down_gives_503_fast_and_recovers_without_gateway_restart(model_base, photo_folder, tmp_path):
     port = free_port()
-    data = (dataset / PANTS).read_bytes()
+    data = (photo_folder / PANTS).read_bytes()
     headers = {"Content-Type": "image/jpeg"}
     with (
         running_model_server(model_base, port=port, rest_api_port=0) as first,
@@ -153,24 +153,24 @@ def _export_with_names(keras_model, base, version, input_name, output_name):
     tf.saved_model.save(module, str(base / str(version)), signatures={"serving_default": module.serve})
 
 
-def test_tensor_names_are_discovered_from_model_metadata(standin_keras, dataset, tmp_path):
+def test_tensor_names_are_discovered_from_model_metadata(standin_keras, photo_folder, tmp_path):
     base = tmp_path / "renamed"
     _export_with_names(standin_keras, base, 1, "images", "scores")
     with running_model_server(base, rest_api_port=0) as server:
         client = gateway.ModelClient(gateway.Settings(tf_serving_host=server.grpc_target))
         assert client.tensor_names() == ("images", "scores")
         app = gateway.create_app(gateway.Settings(tf_serving_host=server.grpc_target), client=client)
-        answer = app.test_client().post("/predict", data=(dataset / PANTS).read_bytes(), content_type="image/jpeg")
+        answer = app.test_client().post("/predict", data=(photo_folder / PANTS).read_bytes(), content_type="image/jpeg")
     assert answer.status_code == 200
     np.testing.assert_allclose(
-        list(answer.get_json().values()), _keras_logits(standin_keras, [dataset / PANTS])[0], atol=1e-4
+        list(answer.get_json().values()), _keras_logits(standin_keras, [photo_folder / PANTS])[0], atol=1e-4
     )
 
 
-def test_several_model_servers_share_the_requests_round_robin(model_base, dataset, tmp_path):
+def test_several_model_servers_share_the_requests_round_robin(model_base, photo_folder, tmp_path):
     second = tmp_path / "second"
     shutil.copytree(model_base / "1", second / "2")  # the same model as version 2, to tell the servers apart
-    data = (dataset / PANTS).read_bytes()
+    data = (photo_folder / PANTS).read_bytes()
     with running_model_server(model_base, rest_api_port=0) as one, running_model_server(second, rest_api_port=0) as two:
         target = f"ipv4:{one.grpc_target},{two.grpc_target}"
         app = gateway.create_app(gateway.Settings(tf_serving_host=target))

@@ -228,8 +228,8 @@ def _inflight(gw) -> float:
 
 
 @pytest.fixture(scope="module")
-def photos(dataset):
-    return loadtest.pick_photos(dataset, 120)
+def photos(photo_folder):
+    return loadtest.pick_photos(photo_folder, 120)
 
 
 @pytest.fixture(scope="module")
@@ -278,12 +278,12 @@ def test_a_thousand_uploads_at_concurrency_16_without_errors_or_memory_growth(se
 
 
 @pytest.mark.timeout(60)
-def test_loadtest_script_reports_uploads_and_urls(served, dataset, tmp_path):
+def test_loadtest_script_reports_uploads_and_urls(served, photo_folder, tmp_path):
     for send in ("upload", "url"):
         out = tmp_path / f"{send}.json"
         run = subprocess.run(
             [sys.executable, "loadtest.py", "--url", served.url, "--requests", "24", "--concurrency", "4"]
-            + ["--dataset", str(dataset), "--send", send, "--json", str(out)],
+            + ["--dataset", str(photo_folder), "--send", send, "--json", str(out)],
             cwd=ROOT,
             capture_output=True,
             text=True,

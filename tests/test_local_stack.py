@@ -45,9 +45,9 @@ def ports():
     return free_port(), free_port(), free_port()
 
 
-def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, dataset, ports):
+def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, photo_folder, ports):
     done = subprocess.run(
-        _command("demo", model_base, ports, f"--photo={dataset / PANTS}"),
+        _command("demo", model_base, ports, f"--photo={photo_folder / PANTS}"),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -44,14 +44,14 @@ def test_notebooks_have_parameters_and_no_absolute_paths(notebook):
         assert absolute not in source
 
 
-def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, dataset):
+def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_folder):
     import papermill
 
     executed = tmp_path / "02.ipynb"
     papermill.execute_notebook(
         str(NOTEBOOKS / "02-tf-serving-connect.ipynb"),
         str(executed),
-        parameters={"model_base_path": str(model_base), "photo": str(dataset / PANTS)},
+        parameters={"model_base_path": str(model_base), "photo": str(photo_folder / PANTS)},
         cwd=str(ROOT),
         progress_bar=False,
     )
@@ -61,11 +61,11 @@ def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, dataset):
     assert "'predict'" in shown  # the detailed answer's timings
 
 
-def test_notebook_functions_through_testbook(dataset):
+def test_notebook_functions_through_testbook(photo_folder):
     """The gateway cells, run by testbook, preprocess exactly like keras-image-helper."""
     from keras_image_helper import create_preprocessor
 
-    photo = sorted((dataset / "test" / "shoes").glob("*.jpg"))[0]
+    photo = sorted((photo_folder / "test" / "shoes").glob("*.jpg"))[0]
     notebook = NOTEBOOKS / "02-tf-serving-connect.ipynb"
     cells = json.loads(notebook.read_text())["cells"]
     # testbook takes a tag as the name of one cell, so the gateway's cells are passed by index.
