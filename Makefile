@@ -118,7 +118,7 @@ serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) unti
 	@$(MAKE) --no-print-directory model-if-missing
 	@$(RUN) python local_stack.py serve --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
 
-test: $(ENV_STAMP) ## Run the whole test suite (offline; tests needing Docker, a cluster or the internet skip)
+test: $(ENV_STAMP) ## Run the whole test suite (tests needing Docker, a browser, a cluster or the internet skip, saying why)
 	@$(PIPENV) verify >/dev/null || { echo "Pipfile.lock is out of date with Pipfile: run pipenv lock"; exit 1; }
 	$(RUN) pytest
 
