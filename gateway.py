@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -718,6 +719,44 @@ class FrontDoor:
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "app"
+# URLs of one request are fetched at the same time, by threads shared by the process's requests.
+_FETCHERS = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")
+
+
+def fetch_all(items, policy: FetchPolicy) -> list[bytes]:
+    """The request's images as bytes, its URLs fetched in parallel within one deadline (the fetch timeout, for
+    all of them together) and each under the same safety rules; the first failure, in request order, is the
+    answer."""
+    urls = [value for kind, value in items if kind == "url"]
+    deadline = time.monotonic() + policy.total_timeout
+    if len(urls) == 1:
+        jobs = [_fetch_now(urls[0], policy, deadline)]
+    else:
+        jobs = [_FETCHERS.submit(fetch_image, url, policy, deadline=deadline) for url in urls]
+    fetched = iter(jobs)
+    payloads = []
+    for kind, value in items:
+        if kind != "url":
+            payloads.append(value)
+            continue
+        job = next(fetched)
+        try:
+            payloads.append(job.result().data)
+        except FetchError as error:
+            raise GatewayError(error.status, error.code, str(error)) from None
+    return payloads
+
+
+def _fetch_now(url: str, policy: FetchPolicy, deadline: float) -> futures.Future:
+    """One URL needs no other thread: fetched here, as a finished future."""
+    job = futures.Future()
+    try:
+        job.set_result(fetch_image(url, policy, deadline=deadline))
+    except FetchError as error:
+        job.set_exception(error)
+    return job
+
+
 # The page lies beside the repository's modules (contract.py), in a checkout and in the image alike.
 PAGE_FILE = Path(contract.__file__).with_name("gateway.html")
 # The page may talk to this gateway and show local images (blobs), nothing else: it loads and sends nothing
@@ -813,15 +852,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
 
     def classify(items, timings):
         started = time.perf_counter()
-        payloads = []
-        for kind, value in items:
-            if kind == "url":
-                try:
-                    payloads.append(fetch_image(value, settings.fetch).data)
-                except FetchError as error:
-                    raise GatewayError(error.status, error.code, str(error)) from None
-            else:
-                payloads.append(value)
+        payloads = fetch_all(items, settings.fetch)
         timings["fetch"] = timed("fetch", started)
         started = time.perf_counter()
         batch = np.stack([preprocess(data, settings) for data in payloads])

@@ -374,6 +374,46 @@ def test_urls_are_fetched_when_the_host_is_allowed(fake, photo_server):
     assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "url_blocked"
 
 
+def test_a_batch_of_urls_is_fetched_in_parallel_within_one_deadline(fake):
+    """8 URLs, each answered 0.5 s late: one after another that is 4 s; fetched together, under 1.5 s."""
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(0.5)
+            body = RED if self.path.endswith("red") else BLACK
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        allowed = gateway.Settings(fetch=FetchPolicy(allow_hosts=frozenset({"127.0.0.1"})))
+        app = gateway.create_app(allowed, client=fake).test_client()
+        urls = [f"{base}/{i}-{'red' if i % 2 else 'black'}" for i in range(8)]
+        started = time.monotonic()
+        answer = app.post("/predict", json={"urls": urls})
+        seconds = time.monotonic() - started
+        assert answer.status_code == 200, answer.get_json()
+        assert seconds < 1.5, f"8 slow URLs took {seconds:.2f} s"
+        # In request order: the fake model's "dress" logit is the image's mean (red -1/3, black -1).
+        assert [p["dress"] > -0.5 for p in answer.get_json()["predictions"]] == [i % 2 == 1 for i in range(8)]
+        # The batch shares one deadline: a host slower than the fetch timeout fails the whole request in time.
+        quick = gateway.Settings(fetch=FetchPolicy(allow_hosts=frozenset({"127.0.0.1"}), total_timeout=0.3))
+        started = time.monotonic()
+        late = gateway.create_app(quick, client=fake).test_client().post("/predict", json={"urls": urls[:4]})
+        assert late.status_code == 422 and late.get_json()["error"]["code"] == "url_timeout"
+        assert time.monotonic() - started < 1.0
+    finally:
+        server.shutdown()
+
+
 def _enter_in_thread(admission, arrived=None):
     """admission.enter() in a thread: (thread, results list); waits until it is in line."""
     results = []
