@@ -7,6 +7,8 @@ tests/test_k8s.py. Change a value here and those tests say what else must follow
 
 MODEL_NAME = "clothing-model"
 SIGNATURE_NAME = "serving_default"
+# A second signature (notebook 01): the same input and output names, the pixels as uint8, scaled in the graph.
+UINT8_SIGNATURE_NAME = "serving_uint8"
 INPUT_NAME = "input_8"
 OUTPUT_NAME = "dense_7"
 

@@ -44,7 +44,15 @@ from werkzeug.exceptions import HTTPException
 
 import contract
 import protobuf
-from contract import CLASSES, DEFAULT_TF_SERVING_HOST, IMAGE_SIZE, MODEL_NAME, SIGNATURE_NAME, TF_SERVING_HOST_ENV
+from contract import (
+    CLASSES,
+    DEFAULT_TF_SERVING_HOST,
+    IMAGE_SIZE,
+    MODEL_NAME,
+    SIGNATURE_NAME,
+    TF_SERVING_HOST_ENV,
+    UINT8_SIGNATURE_NAME,
+)
 from safe_fetch import FetchError, FetchPolicy, fetch_image
 
 log = logging.getLogger("gateway")
@@ -64,6 +72,10 @@ def _env_number(environ, name, default, kind=float, minimum=0):
     return value
 
 
+# GATEWAY_WIRE: "auto" sends uint8 pixels to the model's UINT8_SIGNATURE_NAME signature when it has one, else
+# float32 to MODEL_SIGNATURE; "float32" always sends the course's tensor; "uint8" requires the pixel signature.
+WIRES = ("auto", "float32", "uint8")
+
 # Settings of earlier versions, with what took their place: set, they would silently do nothing.
 _REPLACED_SETTINGS = {
     "GATEWAY_MAX_WAITING": "the queue is bounded by time now; set GATEWAY_QUEUE_BUDGET (seconds) instead",
@@ -80,6 +92,7 @@ class Settings:
     signature_name: str = SIGNATURE_NAME
     input_name: str = ""  # empty: discovered from the model server's metadata
     output_name: str = ""
+    wire: str = "auto"  # what goes to the model: uint8 pixels when it has UINT8_SIGNATURE_NAME (auto), or float32
     predict_timeout: float = 10.0  # seconds; the deadline of every Predict call
     max_images: int = 16  # per request, sent to the model as one batch
     max_request_bytes: int = 32 * 1024 * 1024
@@ -95,12 +108,16 @@ class Settings:
         for old, new in _REPLACED_SETTINGS.items():
             if environ.get(old):
                 raise ValueError(f"{old} is no longer read: {new}")
+        wire = (environ.get("GATEWAY_WIRE") or cls.wire).lower()
+        if wire not in WIRES:
+            raise ValueError(f"GATEWAY_WIRE={environ['GATEWAY_WIRE']!r}: choose one of {', '.join(WIRES)}")
         return cls(
             tf_serving_host=environ.get(TF_SERVING_HOST_ENV) or DEFAULT_TF_SERVING_HOST,
             model_name=environ.get("MODEL_NAME") or MODEL_NAME,
             signature_name=environ.get("MODEL_SIGNATURE") or SIGNATURE_NAME,
             input_name=environ.get("MODEL_INPUT", ""),
             output_name=environ.get("MODEL_OUTPUT", ""),
+            wire=wire,
             predict_timeout=_env_number(environ, "PREDICT_TIMEOUT_SECONDS", cls.predict_timeout, minimum=0.01),
             max_images=_env_number(environ, "GATEWAY_MAX_IMAGES", cls.max_images, int, minimum=1),
             max_request_bytes=_env_number(environ, "GATEWAY_MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1),
@@ -184,12 +201,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def pixels(data: bytes, settings: Settings) -> np.ndarray:
+    """Image bytes as one 299x299x3 uint8 array: the RGB pixels the model sees, before any scaling."""
+    image = to_rgb(decode_image(data, settings))
+    return np.asarray(image.resize(IMAGE_SIZE, Image.NEAREST), dtype=np.uint8)
+
+
+def scale(values: np.ndarray) -> np.ndarray:
+    """Xception's scaling of uint8 pixels to float32 in [-1, 1]: what the course's signature takes."""
+    return values.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def preprocess(data: bytes, settings: Settings) -> np.ndarray:
     """Image bytes as one 299x299x3 float32 array scaled to [-1, 1], as Xception expects."""
-    image = to_rgb(decode_image(data, settings))
-    resized = image.resize(IMAGE_SIZE, Image.NEAREST)
-    pixels = np.asarray(resized, dtype=np.float32)
-    return pixels / np.float32(127.5) - np.float32(1.0)
+    return scale(pixels(data, settings))
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "predict"
@@ -211,6 +236,32 @@ _RECONNECT_WAIT = 2.0
 class Prediction:
     logits: np.ndarray  # images x classes
     model_version: int
+    signature: str = SIGNATURE_NAME
+    wire: str = "float32"
+
+
+# A signature's input dtype (TensorFlow's DataType numbers), as the gateway sends it.
+_WIRE_OF_DTYPE = {protobuf.DT_FLOAT: "float32", protobuf.DT_UINT8: "uint8"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a batch of pixels goes: the signature, its tensor names, and what it takes on the wire."""
+
+    signature: str
+    input_name: str
+    output_name: str
+    wire: str  # "uint8": the pixels as they are (268,203 bytes an image); "float32": scaled first (1,072,812)
+    discovered: bool = True  # asked of the model server; False: all of it from the settings
+
+    def tensor(self, batch: np.ndarray):
+        """The batch as this signature takes it: uint8 pixels as they are, or scaled to float32 (once)."""
+        if self.wire == "float32" and batch.dtype == np.uint8:
+            batch = scale(batch)
+        return protobuf.np_to_protobuf(batch)
+
+    def describe(self) -> str:
+        return f"to signature {self.signature}: {self.input_name} ({self.wire}) -> {self.output_name}"
 
 
 class ModelClient:
@@ -227,8 +278,8 @@ class ModelClient:
         self._status = self._method(
             protobuf.STATUS_METHOD, protobuf.GetModelStatusRequest, protobuf.GetModelStatusResponse
         )
-        self._names: tuple[str, str] | None = None
-        self._names_lock = threading.Lock()
+        self._route: Route | None = None
+        self._route_lock = threading.Lock()
         self._unavailable_at = float("-inf")  # when a reconnect wait last ended without a connection
 
     def _method(self, path, request_type, response_type):
@@ -258,21 +309,54 @@ class ModelClient:
                     raise error from None
                 raise
 
-    def _spec(self, message):
+    def _spec(self, message, signature: str = ""):
         message.model_spec.name = self.settings.model_name
-        message.model_spec.signature_name = self.settings.signature_name
+        message.model_spec.signature_name = signature or self.settings.signature_name
         return message
 
     def tensor_names(self) -> tuple[str, str]:
-        """(input, output) names of the signature: from the settings, else from GetModelMetadata (cached)."""
-        if self.settings.input_name and self.settings.output_name:
-            return self.settings.input_name, self.settings.output_name
-        with self._names_lock:
-            if self._names is None:
-                self._names = self._discover_names()
-            return self._names
+        """(input, output) names of the signature that pixels are sent to."""
+        route = self.route(np.uint8)
+        return route.input_name, route.output_name
 
-    def _discover_names(self) -> tuple[str, str]:
+    def route(self, dtype=np.uint8) -> Route:
+        """Where a batch of `dtype` goes. uint8 pixels go to UINT8_SIGNATURE_NAME when the model has it (and
+        GATEWAY_WIRE is not float32), else they are scaled and go to MODEL_SIGNATURE; float32 batches (already
+        scaled, as notebook 02's cells make them) always go to MODEL_SIGNATURE."""
+        routes = self._routes()
+        wanted = "uint8" if np.dtype(dtype) == np.uint8 and self.settings.wire != "float32" else "float32"
+        if wanted == "uint8" and not isinstance(routes.get("uint8"), Route) and self.settings.wire == "auto":
+            wanted = "float32"
+        found = routes.get(wanted)
+        if isinstance(found, Route):
+            return found
+        raise GatewayError(502, "model_error", found or f"model {self.settings.model_name!r}: no {wanted} signature")
+
+    def _routes(self) -> dict:
+        """{"float32": Route or why not, "uint8": Route or why not}: from the settings when they name both tensors
+        (nothing is asked then: float32, or uint8 too if GATEWAY_WIRE=uint8), else from the model's metadata
+        (GetModelMetadata, asked once, and again when a call says the model changed)."""
+        settings = self.settings
+        if settings.input_name and settings.output_name:
+            names = (settings.input_name, settings.output_name)
+            routes = {"float32": Route(settings.signature_name, *names, "float32", discovered=False)}
+            if settings.wire == "uint8":
+                routes["uint8"] = Route(UINT8_SIGNATURE_NAME, *names, "uint8", discovered=False)
+            return routes
+        with self._route_lock:
+            if self._route is None:
+                self._route = self._discover()
+            return self._route
+
+    def _forget_route(self, route: Route) -> bool:
+        """After a call that says the model changed: ask again next time. True if there was something to forget."""
+        with self._route_lock:
+            if route.discovered and self._route is not None and route in self._route.values():
+                self._route = None
+                return True
+            return False
+
+    def _discover(self) -> dict:
         request = self._spec(protobuf.GetModelMetadataRequest())
         request.metadata_field.append("signature_def")
         try:
@@ -280,42 +364,70 @@ class ModelClient:
         except grpc.RpcError as error:
             raise model_error(error, self.target) from None
         signatures = protobuf.SignatureDefMap.FromString(response.metadata["signature_def"].value).signature_def
-        signature = signatures.get(self.settings.signature_name)
-        if signature is None:
-            raise GatewayError(
-                502,
-                "model_error",
-                f"model {self.settings.model_name!r} has no signature {self.settings.signature_name!r} "
-                f"(it has {sorted(signatures)}); set MODEL_SIGNATURE",
+        model, has = self.settings.model_name, sorted(signatures)
+        routes = {}
+        name = self.settings.signature_name
+        if name in signatures:
+            routes["float32"] = self._route_to(name, signatures[name], "float32")
+        else:
+            routes["float32"] = f"model {model!r} has no signature {name!r} (it has {has}); set MODEL_SIGNATURE"
+        pixels_in = signatures.get(UINT8_SIGNATURE_NAME)
+        if pixels_in is not None:
+            routes["uint8"] = self._route_to(UINT8_SIGNATURE_NAME, pixels_in, "uint8")
+        elif self.settings.wire == "uint8":
+            routes["uint8"] = (
+                f"GATEWAY_WIRE=uint8, but model {model!r} has no signature {UINT8_SIGNATURE_NAME!r} (it has {has}): "
+                "export it with notebook 01 (make model), or set GATEWAY_WIRE=auto to fall back to float32"
             )
+        chosen = routes.get("uint8") if self.settings.wire != "float32" else None
+        chosen = chosen if isinstance(chosen, Route) else routes["float32"]
+        log.info("model %s: images go %s", model, chosen if isinstance(chosen, str) else chosen.describe())
+        return routes
+
+    def _route_to(self, name: str, signature, wire: str) -> Route | str:
+        """The route to a signature that takes `wire`, or why it cannot be used."""
         inputs, outputs = list(signature.inputs), list(signature.outputs)
         input_name = self.settings.input_name or (inputs[0] if len(inputs) == 1 else "")
         output_name = self.settings.output_name or (outputs[0] if len(outputs) == 1 else "")
         if not input_name or not output_name:
-            raise GatewayError(
-                502,
-                "model_error",
-                f"signature {self.settings.signature_name!r} has inputs {inputs} and outputs {outputs}; "
-                "set MODEL_INPUT and MODEL_OUTPUT to choose",
-            )
-        log.info("model %s signature %s: %s -> %s", self.settings.model_name, signature, input_name, output_name)
-        return input_name, output_name
+            return f"signature {name!r} has inputs {inputs} and outputs {outputs}; set MODEL_INPUT and MODEL_OUTPUT"
+        if input_name not in signature.inputs:
+            return f"signature {name!r} has no input {input_name!r} (it has {inputs})"
+        dtype = signature.inputs[input_name].dtype
+        if _WIRE_OF_DTYPE.get(dtype) != wire:
+            return f"signature {name!r} takes {input_name!r} as TensorFlow DataType {dtype}, not {wire}"
+        return Route(name, input_name, output_name, wire)
 
     def predict(self, batch: np.ndarray) -> Prediction:
-        input_name, output_name = self.tensor_names()
-        request = self._spec(protobuf.PredictRequest())
-        request.inputs[input_name].CopyFrom(protobuf.np_to_protobuf(batch))
-        request.output_filter.append(output_name)
+        """Classify a batch of images x 299 x 299 x 3: uint8 pixels, sent as the model's signature takes them, or
+        float32 already scaled (to MODEL_SIGNATURE).
+        If the model changed under the gateway (a new version without that signature, other names), the
+        metadata is asked again and the call made once more, within the same deadline."""
+        started = time.monotonic()
+        route = self.route(batch.dtype)
         try:
-            response = self._call(self._predict, request, self.settings.predict_timeout)
+            response = self._predict_on(route, batch, self.settings.predict_timeout)
         except grpc.RpcError as error:
-            if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                with self._names_lock:
-                    self._names = None  # the model may have changed under us: ask again next time
-            raise model_error(error, self.target) from None
-        if output_name not in response.outputs:
-            raise GatewayError(502, "model_error", f"the model's answer has no output {output_name!r}")
-        logits = protobuf.protobuf_to_np(response.outputs[output_name])
+            changed = error.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+            left = self.settings.predict_timeout - (time.monotonic() - started)
+            if not (changed and self._forget_route(route) and left > 0):
+                raise model_error(error, self.target) from None
+            log.warning("model %s answered %s: asking its metadata again", self.settings.model_name, error.code().name)
+            retried = self.route(batch.dtype)
+            if retried == route:
+                raise model_error(error, self.target) from None
+            try:
+                response = self._predict_on(retried, batch, left)
+            except grpc.RpcError as retry_error:
+                raise model_error(retry_error, self.target) from None
+            route = retried
+        if route.output_name not in response.outputs:
+            raise GatewayError(502, "model_error", f"the model's answer has no output {route.output_name!r}")
+        logits = protobuf.protobuf_to_np(response.outputs[route.output_name])
         if logits.shape != (len(batch), len(CLASSES)):
             raise GatewayError(
                 502,
@@ -323,7 +435,18 @@ class ModelClient:
                 f"the model answered shape {list(logits.shape)} for {len(batch)} images; expected "
                 f"[{len(batch)}, {len(CLASSES)}] (one score per class: {', '.join(CLASSES)})",
             )
-        return Prediction(logits=logits.astype(np.float32), model_version=response.model_spec.version.value)
+        return Prediction(
+            logits=logits.astype(np.float32),
+            model_version=response.model_spec.version.value,
+            signature=route.signature,
+            wire=route.wire,
+        )
+
+    def _predict_on(self, route: Route, batch: np.ndarray, timeout: float):
+        request = self._spec(protobuf.PredictRequest(), route.signature)
+        request.inputs[route.input_name].CopyFrom(route.tensor(batch))
+        request.output_filter.append(route.output_name)
+        return self._call(self._predict, request, timeout)
 
     def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
         """Whether the model server has a version of the model AVAILABLE, and a word on why not."""
@@ -855,7 +978,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
         payloads = fetch_all(items, settings.fetch)
         timings["fetch"] = timed("fetch", started)
         started = time.perf_counter()
-        batch = np.stack([preprocess(data, settings) for data in payloads])
+        batch = np.stack([pixels(data, settings) for data in payloads])  # uint8; scaled only if sent as float32
         timings["preprocess"] = timed("preprocess", started)
         started = time.perf_counter()
         prediction = client.predict(batch)
@@ -894,7 +1017,8 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             model={
                 "name": settings.model_name,
                 "version": prediction.model_version,
-                "signature": settings.signature_name,
+                "signature": prediction.signature,
+                "wire": prediction.wire,
             },
             timings_ms=timings,
         )

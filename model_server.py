@@ -178,9 +178,6 @@ class ServedVersion:
         self._in_flight = 0
         self._idle = threading.Condition()
 
-    def default_signature(self) -> Signature | None:
-        return self.signatures.get(SIGNATURE_NAME) or next(iter(self.signatures.values()), None)
-
     def run(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outputs = signature.function(**{alias: tf.convert_to_tensor(v) for alias, v in inputs.items()})
@@ -189,15 +186,14 @@ class ServedVersion:
         return {alias: tensor.numpy() for alias, tensor in outputs.items()}
 
     def warm_up(self) -> None:
-        """One call before taking traffic, so the first client does not pay for tracing and allocation."""
-        signature = self.default_signature()
-        if signature is None:
-            return
-        inputs = {}
-        for alias, spec in signature.inputs.items():
-            shape = [] if spec.shape.rank is None else [1 if d is None else d for d in spec.shape.as_list()]
-            inputs[alias] = np.full(shape, b"" if spec.dtype == tf.string else 0, spec.dtype.as_numpy_dtype)
-        self.run(signature, inputs)
+        """One call of each signature before taking traffic, so that no first client pays for tracing and
+        allocation, whichever signature it asks for (the gateway sends uint8 pixels to a second one)."""
+        for signature in self.signatures.values():
+            inputs = {}
+            for alias, spec in signature.inputs.items():
+                shape = [] if spec.shape.rank is None else [1 if d is None else d for d in spec.shape.as_list()]
+                inputs[alias] = np.full(shape, b"" if spec.dtype == tf.string else 0, spec.dtype.as_numpy_dtype)
+            self.run(signature, inputs)
 
     def hold(self) -> None:
         with self._idle:
@@ -296,13 +292,12 @@ class ModelManager:
             self._states[target] = (State.AVAILABLE, "")
             if old is not None:
                 self._states[old.version] = (State.UNLOADING, "")
-        signature = new.default_signature()
         log.info(
             "Serving %s version %d from %s (%s) - loaded in %.1f s",
             self.name,
             target,
             path,
-            signature.describe() if signature else "no signatures",
+            "; ".join(s.describe() for s in new.signatures.values()) or "no signatures",
             time.monotonic() - started,
         )
         self._on_available()

@@ -166,7 +166,9 @@ def test_bad_settings_name_the_variable(name, value):
 
 
 class FakeModel:
-    """Answers logits that encode each image's mean pixel, so tests can tell which row is whose."""
+    """Answers logits that encode each image's mean pixel (scaled as the course's signature takes it), so tests
+    can tell which row is whose. The gateway hands its model client uint8 pixels: ModelClient scales them only
+    when it sends float32."""
 
     def __init__(self):
         self.batches = []
@@ -178,9 +180,10 @@ class FakeModel:
         self.release.wait(10)
         if self.error:
             raise self.error
+        assert batch.dtype == np.uint8, batch.dtype
         self.batches.append(batch.shape)
         logits = np.zeros((len(batch), len(CLASSES)), np.float32)
-        logits[:, 0] = batch.mean(axis=(1, 2, 3))
+        logits[:, 0] = gateway.scale(batch).mean(axis=(1, 2, 3))
         logits[:, 4] = 5.0
         return gateway.Prediction(logits=logits, model_version=7)
 
@@ -230,7 +233,12 @@ def test_detail_is_an_explicit_opt_in(client):
     prediction = detailed["predictions"][0]
     assert [t["class"] for t in prediction["top"]][0] == "pants" and len(prediction["top"]) == 2
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0)
-    assert detailed["model"] == {"name": "clothing-model", "version": 7, "signature": "serving_default"}
+    assert detailed["model"] == {
+        "name": "clothing-model",
+        "version": 7,
+        "signature": "serving_default",
+        "wire": "float32",
+    }
     assert set(detailed["timings_ms"]) == {"queue", "fetch", "preprocess", "predict", "total"}
 
 
