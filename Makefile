@@ -282,10 +282,13 @@ bench-model-server: $(ENV_STAMP) ## Benchmark model_server.py against in-process
 # Each writes bench/<name>.md and bench/<name>.json (git-ignored); bench/README.md says what each holds.
 # QUICK=1: smoke runs with small counts. SKIP_INSTALL_SIZE=1: no pip install of [packages] (needs PyPI).
 
-.PHONY: bench-gateway bench-load bench
+.PHONY: bench-gateway bench-load bench-wire bench
 
 bench-load: $(ENV_STAMP) ## The gateway on `make serve` defaults, 1 to 64 clients and 0.5x to 3x capacity (bench/load.md, load.png; SWEEP=1: other admission settings)
 	$(RUN) python bench/bench_load.py $(if $(QUICK),--quick) $(if $(SWEEP),--sweep)
+
+bench-wire: $(ENV_STAMP) ## The whole stack with float32 or uint8 between the tiers: bytes, CPU per request, throughput at 8 clients (bench/wire.md)
+	$(RUN) python bench/bench_wire.py $(if $(QUICK),--quick)
 
 bench-gateway: $(ENV_STAMP) ## Gateway vs direct Predict and the course's approach, draft mode, install size, import time (bench/gateway.md)
 	$(RUN) python bench/bench_gateway.py $(if $(QUICK),--quick) $(if $(SKIP_INSTALL_SIZE),--skip-install-size)
@@ -296,6 +299,7 @@ bench: $(ENV_STAMP) ## All benchmarks and notebook 03's full mode, then one repo
 	$(MAKE) bench-gateway
 	$(MAKE) bench-experiments
 	$(MAKE) bench-load
+	$(MAKE) bench-wire
 	$(RUN) python bench/report.py
 
 # ---- experiments and load ------------------------------------------------------------------------

@@ -3,11 +3,13 @@
     make bench-model-server                    # the full run, a few minutes on 2 cores
     python bench/bench_model_server.py --quick # a smoke run of every step, with tiny counts
 
-For two models with the course's signature (input_8 float32[-1,299,299,3] -> dense_7 float32[-1,10]):
-the test suite's small stand-in, and an Xception-size one (keras Xception, random weights, same head).
-For each, one image per request, as the gateway sends them:
-  - latency: gRPC Predict (the course's client path) against the in-process call, interleaved call
-    by call so that whatever else runs on the machine slows both alike; p50 and p99;
+For two models converted by notebook 01, with the course's signature (input_8 float32[-1,299,299,3] -> dense_7
+float32[-1,10]) and the pixel one (serving_uint8: input_8 uint8): the test suite's small stand-in, and an
+Xception-size one (keras Xception, random weights, same head). For each, one image per request, as the gateway
+sends them:
+  - latency: gRPC Predict against the in-process call of the same signature, float32 (the course's client
+    path) and uint8, interleaved call by call so that whatever else runs on the machine slows all alike; p50
+    and p99; and where the float32 request's time goes (each step outside the model timed on its own);
   - throughput: 1, 4, 8 and 16 concurrent clients, without and with --enable_batching (the compose
     model tier's dockerfiles/batching.config unless --batching-config says otherwise), against the
     in-process call on batches of 1 and of 8 images.
@@ -34,11 +36,21 @@ import grpc
 import numpy as np
 import psutil
 import tensorflow as tf
-from common import BENCH, ROOT, latency_ms, machine, machine_line, markdown_table, target, targets_table
+from common import (
+    BENCH,
+    ROOT,
+    convert_with_notebook_01,
+    latency_ms,
+    machine,
+    machine_line,
+    markdown_table,
+    target,
+    targets_table,
+)
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
-from model_server import parse_batching_parameters
+from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
+from model_server import array_to_tensor_proto, parse_batching_parameters
 from servers import CHANNEL_OPTIONS, running_model_server
 
 CLIENTS = (1, 4, 8, 16)
@@ -57,19 +69,11 @@ PLANS = {
 }
 
 
-def build_standin():
-    from standin import build_standin
-
-    return build_standin()
-
-
-def build_xception():
-    from standin import build_xception_size
-
-    return build_xception_size()
-
-
-MODELS = {"standin": ("stand-in (tests/standin.py)", build_standin), "xception": ("Xception-size", build_xception)}
+# name, tests/standin.py's function that saves it as HDF5 for notebook 01
+MODELS = {
+    "standin": ("stand-in (tests/standin.py)", "save_standin_h5"),
+    "xception": ("Xception-size", "save_xception_size_h5"),
+}
 
 
 def course_request(X: np.ndarray) -> predict_pb2.PredictRequest:
@@ -80,19 +84,73 @@ def course_request(X: np.ndarray) -> predict_pb2.PredictRequest:
     return request
 
 
-def measure_latency(in_process, stub, request, X, calls: int) -> tuple[dict, dict]:
-    for _ in range(3):
-        in_process(X)
-        stub.Predict(request, timeout=300)
-    local, remote = [], []
+def pixel_request(P: np.ndarray) -> predict_pb2.PredictRequest:
+    request = course_request(P)
+    request.model_spec.signature_name = UINT8_SIGNATURE_NAME
+    return request
+
+
+def scaled(P: np.ndarray) -> np.ndarray:
+    return P.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def measure_latency(stub, paths: dict, calls: int) -> dict:
+    """{path: (in-process latency, gRPC latency)} for paths {name: (in_process, request, input)}: every call of
+    every path interleaved with the others, so the machine's load drifts over all alike."""
+    for in_process, request, value in paths.values():
+        for _ in range(3):
+            in_process(value)
+            stub.Predict(request, timeout=300)
+    times = {name: ([], []) for name in paths}
     for _ in range(calls):
-        started = time.perf_counter()
-        in_process(X)
-        local.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        stub.Predict(request, timeout=300)
-        remote.append(time.perf_counter() - started)
-    return latency_ms(local), latency_ms(remote)
+        for name, (in_process, request, value) in paths.items():
+            local, remote = times[name]
+            started = time.perf_counter()
+            in_process(value)
+            local.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            stub.Predict(request, timeout=300)
+            remote.append(time.perf_counter() - started)
+    return {name: (latency_ms(local), latency_ms(remote)) for name, (local, remote) in times.items()}
+
+
+def where_the_time_goes(in_process, request: predict_pb2.PredictRequest, calls: int) -> dict:
+    """p50 ms of each step of a float32 Predict outside the network, each timed on its own as the client and
+    model_server.py do it: what is left of the gRPC time is transport, HTTP/2 and the servicer's threads."""
+    data = request.SerializeToString()
+    steps = {
+        "client: encode the request": request.SerializeToString,
+        "server: parse the request": lambda: predict_pb2.PredictRequest.FromString(data),
+        "server: tensor_content to numpy": lambda: np.frombuffer(
+            parsed.inputs[INPUT_NAME].tensor_content, np.float32
+        ).reshape(1, 299, 299, 3),
+        "server: numpy to a tensor": lambda: tf.convert_to_tensor(array),
+        "server: the model (in-process call)": lambda: in_process(array),
+        "server: encode the answer": lambda: answer(),
+        "client: parse the answer": lambda: predict_pb2.PredictResponse.FromString(answer_bytes),
+    }
+    parsed = predict_pb2.PredictRequest.FromString(data)
+    array = np.frombuffer(parsed.inputs[INPUT_NAME].tensor_content, np.float32).reshape(1, 299, 299, 3)
+    logits = in_process(array)
+
+    def answer() -> bytes:
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = MODEL_NAME
+        array_to_tensor_proto(logits, response.outputs[OUTPUT_NAME])
+        return response.SerializeToString()
+
+    answer_bytes = answer()
+    result = {}
+    for name, step in steps.items():
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        result[name] = latency_ms(times)["p50"]
+    return result
 
 
 @dataclass
@@ -177,19 +235,25 @@ def measure_in_process(in_process, X: np.ndarray, seconds: float, into: Window) 
 
 
 def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) -> dict:
-    title, build = MODELS[key]
-    base = work / key / MODEL_NAME
-    log(f"{title}: building and saving the SavedModel")
-    tf.saved_model.save(build(), str(base / "1"))
-    function = tf.saved_model.load(str(base / "1")).signatures[SIGNATURE_NAME]
+    title, saver = MODELS[key]
+    log(f"{title}: building it, and converting it with notebook 01 (both signatures)")
+    (work / key).mkdir(parents=True)
+    base = convert_with_notebook_01(work / key, saver)
+    loaded = tf.saved_model.load(str(base / "1"))
+    function, pixel_function = loaded.signatures[SIGNATURE_NAME], loaded.signatures[UINT8_SIGNATURE_NAME]
 
     def in_process(X):
         return function(**{INPUT_NAME: X})[OUTPUT_NAME].numpy()
 
-    X = np.random.default_rng(0).uniform(-1, 1, (1, 299, 299, 3)).astype(np.float32)
-    X8 = np.random.default_rng(8).uniform(-1, 1, (8, 299, 299, 3)).astype(np.float32)
+    def in_process_pixels(P):
+        return pixel_function(**{INPUT_NAME: P})[OUTPUT_NAME].numpy()
+
+    P = np.random.default_rng(0).integers(0, 256, (1, 299, 299, 3), np.uint8)
+    X = scaled(P)
+    X8 = scaled(np.random.default_rng(8).integers(0, 256, (8, 299, 299, 3), np.uint8))
     request = course_request(X)
     result = {"model": title, "plan": asdict(plan)}
+    result["request_bytes"] = {"float32": request.ByteSize(), "uint8": pixel_request(P).ByteSize()}
     batching = {"enable_batching": True, "batching_parameters_file": batching_config}
     # Both servers run side by side (the idle one costs nothing) so that their measurements can
     # alternate: the load of the machine drifts, and alternating spreads the drift over both.
@@ -201,8 +265,14 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         answer = stub.Predict(request, timeout=300).outputs[OUTPUT_NAME].float_val
         result["max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
-        log(f"{title}: latency, {plan.latency_calls} interleaved calls")
-        result["in_process"], result["grpc"] = measure_latency(in_process, stub, request, X, plan.latency_calls)
+        answer = stub.Predict(pixel_request(P), timeout=300).outputs[OUTPUT_NAME].float_val
+        result["uint8_max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
+        log(f"{title}: latency, {plan.latency_calls} interleaved calls of each path")
+        paths = {"float32": (in_process, request, X), "uint8": (in_process_pixels, pixel_request(P), P)}
+        latency = measure_latency(stub, paths, plan.latency_calls)
+        result["in_process"], result["grpc"] = latency["float32"]
+        result["in_process_uint8"], result["grpc_uint8"] = latency["uint8"]
+        result["steps_ms"] = where_the_time_goes(in_process, request, plan.latency_calls)
 
         windows = {name: Window() for name in ("batch1", "batch8")}
         windows.update({(name, c): Window() for name in ("plain", "batched") for c in CLIENTS})
@@ -231,7 +301,9 @@ def evaluate(results: dict) -> list[dict]:
     if "standin" in results:
         r = results["standin"]
         added = r["grpc"]["p50"] - r["in_process"]["p50"]
-        targets.append(target("stand-in: gRPC p50 - in-process p50", added, "ms", 2, at_most=True))
+        targets.append(target("stand-in, float32: gRPC p50 - in-process p50", added, "ms", 1.5, at_most=True))
+        added = r["grpc_uint8"]["p50"] - r["in_process_uint8"]["p50"]
+        targets.append(target("stand-in, uint8: gRPC p50 - in-process p50", added, "ms", 0.75, at_most=True))
     for r in results.values():
         rate = next(t["per_s"] for t in r["with_batching"] if t["clients"] == 8)
         name = f"{r['model']}: batching at 8 clients / in-process batch-8 throughput"
@@ -265,16 +337,29 @@ def markdown(report: dict) -> str:
     latency_rows = [
         [
             r["model"],
-            r["in_process"]["n"],
-            f"{r['in_process']['p50']:.2f}",
-            f"{r['in_process']['p99']:.2f}",
-            f"{r['grpc']['p50']:.2f}",
-            f"{r['grpc']['p99']:.2f}",
-            f"{r['grpc']['p50'] - r['in_process']['p50']:+.2f}",
-            f"{r['grpc']['p50'] / r['in_process']['p50']:.3f}",
+            path,
+            f"{r['request_bytes'][path]:,}",
+            r[local]["n"],
+            f"{r[local]['p50']:.2f}",
+            f"{r[local]['p99']:.2f}",
+            f"{r[remote]['p50']:.2f}",
+            f"{r[remote]['p99']:.2f}",
+            f"{r[remote]['p50'] - r[local]['p50']:+.2f}",
+            f"{r[remote]['p50'] / r[local]['p50']:.3f}",
         ]
         for r in results
+        for path, local, remote in (("float32", "in_process", "grpc"), ("uint8", "in_process_uint8", "grpc_uint8"))
     ]
+    step_rows = []
+    for r in results:
+        outside = sum(v for k, v in r["steps_ms"].items() if "the model" not in k)
+        for name, ms in r["steps_ms"].items():
+            step_rows.append([r["model"], name, f"{ms:.3f}"])
+        step_rows.append([r["model"], "**steps outside the model, together**", f"{outside:.3f}"])
+        added = r["grpc"]["p50"] - r["in_process"]["p50"]
+        step_rows.append(
+            [r["model"], "**the rest of what gRPC adds: transport, HTTP/2, threads**", f"{added - outside:.3f}"]
+        )
 
     def rate(run: dict) -> str:
         errors = f", {run['errors']} errors: {run['first_error']}" if run["errors"] else ""
@@ -303,6 +388,7 @@ def markdown(report: dict) -> str:
                 ]
             )
     differences = ", ".join(f"{r['max_abs_difference']:.1e} ({r['model']})" for r in results)
+    uint8 = ", ".join(f"{r['uint8_max_abs_difference']:.1e} ({r['model']})" for r in results)
     rounds = ", ".join(f"{r['plan']['rounds']} x {r['plan']['window_seconds']:g} s ({r['model']})" for r in results)
     lines = [
         "# model_server.py benchmark",
@@ -310,16 +396,35 @@ def markdown(report: dict) -> str:
         f"Machine: {machine_line(m)}. Load average at start {m['load_average_at_start']}, at end "
         f"{m['load_average_at_end']}: other work on the machine shares these cores.",
         "",
-        f"Run: `{report['mode']}` on {m['date']}, {report['duration_s']:.0f} s. One image (1x299x299x3 float32) per "
-        "request, sent by this script on the same cores as the server. Batching: "
+        f"Run: `{report['mode']}` on {m['date']}, {report['duration_s']:.0f} s. One image (1x299x299x3, float32 "
+        "or uint8) per request, sent by this script on the same cores as the server. Batching: "
         f"`{report['batching_config']}` ({report['batching_parameters']}).",
         "",
         "## Latency (ms, one image per request, in-process and gRPC calls interleaved)",
         "",
         markdown_table(
-            ["model", "calls", "in-process p50", "p99", "gRPC p50", "p99", "gRPC adds (p50)", "ratio (p50)"],
+            [
+                "model",
+                "wire",
+                "request bytes",
+                "calls",
+                "in-process p50",
+                "p99",
+                "gRPC p50",
+                "p99",
+                "gRPC adds (p50)",
+                "ratio (p50)",
+            ],
             latency_rows,
         ),
+        "",
+        "## Where a float32 request's time goes (p50 ms of each step, timed alone)",
+        "",
+        markdown_table(["model", "step", "p50 ms"], step_rows),
+        "",
+        "The steps are the ones the client and model_server.py take, run one at a time in this process; what the "
+        "gRPC call adds beyond them is the transport itself (the 1 MB through the loopback and HTTP/2 framing, "
+        "in chunks, both ways) and the hand-offs between gRPC's threads and the servicer.",
         "",
         "## Throughput (one image per request)",
         "",
@@ -340,7 +445,7 @@ def markdown(report: dict) -> str:
         f"Each row adds up {rounds}; the rows' measurements alternate, so a change in the machine's load "
         "hits all of them alike. CPU ms/image: CPU time of the server and of the client (this script) per "
         "request, or of the in-process caller per image: what a request costs, whatever else shares the "
-        f"machine. Answers equal the in-process call to {differences}.",
+        f"machine. Answers equal the in-process call to {differences}; through the uint8 signature to {uint8}.",
         "",
         "## Targets",
         "",

@@ -135,18 +135,29 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def prepare_model(work: Path) -> tuple[Path, str]:
     """A TF Serving base folder: models/clothing-model when `make model` made one, else the stand-in
     converted by notebook 01 exactly as `make model` converts the course model."""
-    from contract import MODEL_BASE_PATH, MODEL_NAME
+    from contract import MODEL_BASE_PATH
 
     real = ROOT / MODEL_BASE_PATH
     if any(real.glob("*/saved_model.pb")):
         return real, f"{MODEL_BASE_PATH} (made by `make model`: the course model unless MODEL_H5 named another)"
+    base = convert_with_notebook_01(work, "save_standin_h5")
+    return base, (
+        "the stand-in (tests/standin.py: the course model's structure and names at reduced width, random "
+        "weights), converted by notebook 01; the course model is not reachable here"
+    )
+
+
+def convert_with_notebook_01(work: Path, saver: str) -> Path:
+    """tests/standin.py's `saver` writes a model as HDF5 (in a subprocess: Keras 2 and the notebook's TensorFlow
+    stay apart); notebook 01 converts it exactly as `make model` converts the course model, with both signatures.
+    Returns the TF Serving base folder <work>/models/clothing-model (version 1)."""
     import papermill
 
-    h5 = work / "standin.h5"
-    build = (
-        "import sys; from pathlib import Path; from standin import save_standin_h5; save_standin_h5(Path(sys.argv[1]))"
-    )
+    from contract import MODEL_NAME
+
+    h5 = work / "model.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    build = f"import sys; from pathlib import Path; from standin import {saver}; {saver}(Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", build, str(h5)], cwd=ROOT, env=env, check=True)
     base = work / "models" / MODEL_NAME
     papermill.execute_notebook(
@@ -156,7 +167,5 @@ def prepare_model(work: Path) -> tuple[Path, str]:
         cwd=str(ROOT),
         progress_bar=False,
     )
-    return base, (
-        "the stand-in (tests/standin.py: the course model's structure and names at reduced width, random "
-        "weights), converted by notebook 01; the course model is not reachable here"
-    )
+    h5.unlink()
+    return base

@@ -3,9 +3,9 @@
     python bench/report.py        (make bench runs every benchmark, then this)
 
 Reads bench/model_server.json, bench/gateway.json, bench/experiments.json (notebook 03's full
-mode) and bench/load.json; a part that has not been run is listed as "not run". The report describes the machine, lists
-every target the issues set with what was measured and whether it was met, then includes each part's
-own markdown report.
+mode), bench/load.json and bench/wire.json; a part that has not been run is listed as "not run". The report
+describes the machine, lists every target the issues set with what was measured and whether it was met, then
+includes each part's own markdown report.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ PARTS = {  # file stem -> what it measures and the make target that writes it
     "gateway": ("gateway: added latency, CPU, the course's approach, draft mode, install size", "make bench-gateway"),
     "experiments": ("notebook 03, full mode", "make bench-experiments"),
     "load": ("gateway under load: closed loop 1-64 clients, open loop 0.5x-3x capacity", "make bench-load"),
+    "wire": ("float32 or uint8 between the tiers: bytes, CPU per request, throughput at 8 clients", "make bench-wire"),
 }
 
 

@@ -70,3 +70,10 @@ def build_xception_size(seed: int = 1):
     inner = keras.layers.Dense(100, activation="relu")(vectors)
     outputs = keras.layers.Dense(10, name=OUTPUT_NAME)(keras.layers.Dropout(0.2)(inner))
     return keras.Model(inputs, outputs)
+
+
+def save_xception_size_h5(path: Path) -> Path:
+    """build_xception_size() as Keras-2 HDF5, for notebook 01 to convert as it converts the course model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_xception_size().save(path, save_format="h5")
+    return path
