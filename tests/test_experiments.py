@@ -16,7 +16,7 @@ import pytest
 
 from conftest import NOTEBOOKS, ROOT
 
-EXPERIMENTS = ("encoding", "grpc_vs_rest", "channel_reuse", "batching", "gateway_processes")
+EXPERIMENTS = ("encoding", "grpc_vs_rest", "channel_reuse", "batching", "gateway_processes", "wire")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -83,6 +83,11 @@ def test_each_experiment_covers_what_it_compares(quick_run):
     assert len(batching["off"]) >= 2  # at least two client concurrencies
     assert set(experiments["gateway_processes"]["numbers"]) == {"1", "2", "4"}
     assert set(experiments["gateway_processes"]["errors"]) == {"1", "2", "4"}
+    wire = experiments["wire"]
+    assert wire["signatures"] == {"float32": "serving_default", "uint8": "serving_uint8"}
+    paths = wire["numbers"]["paths"]
+    assert 3.99 < paths["float32"]["bytes"] / paths["uint8"]["bytes"] < 4.0  # 4x fewer, plus the same envelope
+    assert wire["max_abs_logit_difference"] <= 1e-5
 
 
 def test_the_results_state_the_mode_and_the_cpu_budget(quick_run):
