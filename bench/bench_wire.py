@@ -67,7 +67,7 @@ def summarise(runs: list[dict], seconds: float) -> dict:
         "per_s": statistics.median(run["goodput"] for run in runs),
         "per_s_runs": [run["goodput"] for run in runs],
         "answered": round(answered),
-        "errors": sum(run["sent"] for run in runs) - round(answered),
+        "errors": sum(run["shed"] + run["no_answer"] + run["other_errors"] for run in runs),
         "p50_ms": loadtest.percentile(latencies, 50) * 1000,
         "p99_ms": loadtest.percentile(latencies, 99) * 1000,
         "cpu_ms_per_request": {part: 1000 * seconds_ / max(answered, 1) for part, seconds_ in cpu.items()},
@@ -95,6 +95,10 @@ def report(results: dict) -> str:
         )
         network.append([wire, *(f"{r['bytes_per_image'] * 8 * rate / 1e9:.2f}" for rate in RATES)])
     f32, u8 = (results["paths"][w] for w in WIRES)
+
+    def saved(part: str) -> str:
+        return f"{f32['cpu_ms_per_request'][part] - u8['cpu_ms_per_request'][part]:+.2f}"
+
     lines = [
         "# Wire benchmark: float32 or uint8 between the tiers",
         "",
@@ -102,7 +106,7 @@ def report(results: dict) -> str:
         f"{m['load_average_at_end']}.",
         "",
         f"Run: `{results['mode']}` on {m['date']}, {results['duration_s']:.0f} s. Model: {results['model']}. "
-        f"One model server and two gateways on `make serve` defaults ({results['defaults']['workers']} worker, "
+        f"One model server and two gateways on `make serve` defaults ({results['defaults']['workers']} workers, "
         f"{results['defaults']['threads']} threads), one per path; {CLIENTS} closed-loop clients uploading "
         f"{results['photos']} photos, {results['rounds']} rounds of {results['seconds']} s per path, alternating. "
         "Everything shares the same 2 cores, the load generator too.",
@@ -122,10 +126,9 @@ def report(results: dict) -> str:
             rows,
         ),
         "",
-        f"uint8 sends {f32['bytes_per_image'] / u8['bytes_per_image']:.2f}x fewer bytes per image; the gateway "
-        f"spends {f32['cpu_ms_per_request']['gateway'] - u8['cpu_ms_per_request']['gateway']:+.2f} ms and the model "
-        f"server {f32['cpu_ms_per_request']['model server'] - u8['cpu_ms_per_request']['model server']:+.2f} ms "
-        "less CPU per request on it (negative: more).",
+        f"uint8 sends {f32['bytes_per_image'] / u8['bytes_per_image']:.2f}x fewer bytes per image. CPU per request, "
+        f"float32 minus uint8: gateway {saved('gateway')} ms, model server {saved('model server')} ms (positive: "
+        "uint8 costs less). Errors: requests not answered 200 (shed, no answer, other).",
         "",
         "## The network between the tiers (Gbit/s of requests)",
         "",
