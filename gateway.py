@@ -348,13 +348,11 @@ class ModelClient:
                 self._route = self._discover()
             return self._route
 
-    def _forget_route(self, route: Route) -> bool:
-        """After a call that says the model changed: ask again next time. True if there was something to forget."""
+    def _forget_route(self, route: Route) -> None:
+        """After a call that says the model changed: ask again, unless another request already has."""
         with self._route_lock:
-            if route.discovered and self._route is not None and route in self._route.values():
+            if self._route is not None and route in self._route.values():
                 self._route = None
-                return True
-            return False
 
     def _discover(self) -> dict:
         request = self._spec(protobuf.GetModelMetadataRequest())
@@ -414,8 +412,9 @@ class ModelClient:
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
             left = self.settings.predict_timeout - (time.monotonic() - started)
-            if not (changed and self._forget_route(route) and left > 0):
+            if not (changed and route.discovered and left > 0):
                 raise model_error(error, self.target) from None
+            self._forget_route(route)
             log.warning("model %s answered %s: asking its metadata again", self.settings.model_name, error.code().name)
             retried = self.route(batch.dtype)
             if retried == route:

@@ -119,17 +119,10 @@ def measure_latency(stub, paths: dict, calls: int) -> dict:
     return {name: (latency_ms(local), latency_ms(remote)) for name, (local, remote) in times.items()}
 
 
-def floors(channel, X: np.ndarray, calls: int) -> dict:
-    """p50 ms of what no Predict can go below: one tiny gRPC call through the same server (GetModelStatus: the
-    same channel, HTTP/2 exchange, thread pool and servicer, a few bytes each way), and copying the 1 MB."""
-    status = model_service_pb2_grpc.ModelServiceStub(channel)
-    ask = get_model_status_pb2.GetModelStatusRequest()
-    ask.model_spec.name = MODEL_NAME
+def p50_of_each(steps: dict, calls: int) -> dict:
+    """{name: p50 ms} of each step called `calls` times on its own, after three calls to warm it."""
     result = {}
-    for name, step in (
-        ("a tiny gRPC call (GetModelStatus)", lambda: status.GetModelStatus(ask, timeout=30)),
-        ("copying the 1 MB tensor once", lambda: X.copy()),
-    ):
+    for name, step in steps.items():
         for _ in range(3):
             step()
         times = []
@@ -139,6 +132,19 @@ def floors(channel, X: np.ndarray, calls: int) -> dict:
             times.append(time.perf_counter() - started)
         result[name] = latency_ms(times)["p50"]
     return result
+
+
+def floors(channel, X: np.ndarray, calls: int) -> dict:
+    """p50 ms of what no Predict can go below: one tiny gRPC call through the same server (GetModelStatus: the
+    same channel, HTTP/2 exchange, thread pool and servicer, a few bytes each way), and copying the 1 MB."""
+    status = model_service_pb2_grpc.ModelServiceStub(channel)
+    ask = get_model_status_pb2.GetModelStatusRequest()
+    ask.model_spec.name = MODEL_NAME
+    steps = {
+        "a tiny gRPC call (GetModelStatus)": lambda: status.GetModelStatus(ask, timeout=30),
+        "copying the 1 MB tensor once": lambda: X.copy(),
+    }
+    return p50_of_each(steps, calls)
 
 
 def where_the_time_goes(in_process, request: predict_pb2.PredictRequest, calls: int) -> dict:
@@ -167,17 +173,7 @@ def where_the_time_goes(in_process, request: predict_pb2.PredictRequest, calls: 
         return response.SerializeToString()
 
     answer_bytes = answer()
-    result = {}
-    for name, step in steps.items():
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-        result[name] = latency_ms(times)["p50"]
-    return result
+    return p50_of_each(steps, calls)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import ipaddress
 import json
 import os
 import re
@@ -365,10 +366,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def host_address() -> str:
-    """This machine's address on Docker's default bridge: containers on any project network reach it."""
-    return run(
-        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"]
-    ).stdout.strip()
+    """This machine's address on Docker's default bridge: containers on any project network reach it. A fresh
+    engine may record only the bridge's subnet; its gateway is then the subnet's first address, as Docker picks it."""
+    config = json.loads(run(["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"]).stdout)
+    if config[0].get("Gateway"):
+        return config[0]["Gateway"]
+    return str(ipaddress.ip_network(config[0]["Subnet"])[1])
 
 
 @dataclass

@@ -6,7 +6,9 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -64,17 +66,36 @@ def test_demo_classifies_the_pants_photo_and_stops_everything(model_base, photo_
 
 def test_serve_stops_both_tiers_on_ctrl_c(model_base, ports):
     process = subprocess.Popen(_command("serve", model_base, ports), cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
+    said: list[str] = []
+    serving = threading.Event()
+
+    def read() -> None:  # all of it, to the end: a full pipe would stop the stack mid-sentence
         for line in process.stdout:
-            if "serving on" in line or time.monotonic() > deadline:
-                break
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/readyz", timeout=5) as response:
-            assert json.load(response)["status"] == "ready"
+            said.append(line)
+            if "serving on" in line:
+                serving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert serving.wait(120), "".join(said)
+        # "serving on" follows one ready answer; each gunicorn worker connects to the model on its own.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/readyz", timeout=5) as response:
+                    assert json.load(response)["status"] == "ready"
+                    break
+            except urllib.error.HTTPError:
+                assert time.monotonic() < deadline, "".join(said)
+                time.sleep(0.2)
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 2  # the model server and gunicorn (with its worker)
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        # local_stack gives each tier 30 s to stop before it kills it (and says so): 2 x 30 s, and some slack.
+        assert process.wait(timeout=75) == 0, "".join(said)
+        reader.join(10)
+        assert not [line for line in said if "did not stop" in line], "".join(said)
         psutil.wait_procs(children, timeout=10)
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert not _listening(set(ports))
