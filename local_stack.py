@@ -183,8 +183,10 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    # Ctrl-C and SIGTERM both end in the `finally` below, which stops every started process.
+    # Ctrl-C and SIGTERM both end in the `finally` below, which stops every started process. SIGINT is set here
+    # too: a shell starts background jobs with it ignored, and Python then never turns it into KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     with tempfile.TemporaryDirectory(prefix="local-stack-") as log_dir:
         stack = Stack(Path(log_dir))
         try:
