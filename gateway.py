@@ -323,14 +323,19 @@ class ModelClient:
         """Where a batch of `dtype` goes. uint8 pixels go to UINT8_SIGNATURE_NAME when the model has it (and
         GATEWAY_WIRE is not float32), else they are scaled and go to MODEL_SIGNATURE; float32 batches (already
         scaled, as notebook 02's cells make them) always go to MODEL_SIGNATURE."""
-        routes = self._routes()
-        wanted = "uint8" if np.dtype(dtype) == np.uint8 and self.settings.wire != "float32" else "float32"
-        if wanted == "uint8" and not isinstance(routes.get("uint8"), Route) and self.settings.wire == "auto":
-            wanted = "float32"
-        found = routes.get(wanted)
-        if isinstance(found, Route):
-            return found
-        raise GatewayError(502, "model_error", found or f"model {self.settings.model_name!r}: no {wanted} signature")
+        chosen = self._choose(self._routes(), dtype)
+        if isinstance(chosen, str):
+            raise GatewayError(502, "model_error", chosen)
+        return chosen
+
+    def _choose(self, routes: dict, dtype) -> Route | str:
+        """The route for `dtype` out of _routes(), or why there is none."""
+        wire = self.settings.wire
+        if np.dtype(dtype) == np.uint8 and wire != "float32":
+            pixels_in = routes.get("uint8")
+            if isinstance(pixels_in, Route) or wire == "uint8":
+                return pixels_in
+        return routes["float32"]
 
     def _routes(self) -> dict:
         """{"float32": Route or why not, "uint8": Route or why not}: from the settings when they name both tensors
@@ -377,8 +382,7 @@ class ModelClient:
                 f"GATEWAY_WIRE=uint8, but model {model!r} has no signature {UINT8_SIGNATURE_NAME!r} (it has {has}): "
                 "export it with notebook 01 (make model), or set GATEWAY_WIRE=auto to fall back to float32"
             )
-        chosen = routes.get("uint8") if self.settings.wire != "float32" else None
-        chosen = chosen if isinstance(chosen, Route) else routes["float32"]
+        chosen = self._choose(routes, np.uint8)
         log.info("model %s: images go %s", model, chosen if isinstance(chosen, str) else chosen.describe())
         return routes
 
@@ -441,11 +445,15 @@ class ModelClient:
             wire=route.wire,
         )
 
-    def _predict_on(self, route: Route, batch: np.ndarray, timeout: float):
+    def predict_request(self, route: Route, batch: np.ndarray):
+        """The PredictRequest that carries `batch` along `route`: what goes on the wire."""
         request = self._spec(protobuf.PredictRequest(), route.signature)
         request.inputs[route.input_name].CopyFrom(route.tensor(batch))
         request.output_filter.append(route.output_name)
-        return self._call(self._predict, request, timeout)
+        return request
+
+    def _predict_on(self, route: Route, batch: np.ndarray, timeout: float):
+        return self._call(self._predict, self.predict_request(route, batch), timeout)
 
     def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
         """Whether the model server has a version of the model AVAILABLE, and a word on why not."""

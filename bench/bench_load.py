@@ -38,7 +38,17 @@ import time
 from pathlib import Path
 
 import psutil
-from common import BENCH, ROOT, machine, machine_line, markdown_table, prepare_model, target, targets_table
+from common import (
+    BENCH,
+    ROOT,
+    convert_with_notebook_01,
+    machine,
+    machine_line,
+    markdown_table,
+    prepare_model,
+    target,
+    targets_table,
+)
 
 import loadtest
 from gateways import running_gateway
@@ -54,14 +64,9 @@ SWEEP = ((2, 1.0), (8, 1.0), (4, 0.25), (4, 0.5), (4, 2.0))
 
 
 def xception_size_model(work: Path) -> tuple[Path, str]:
-    """A SavedModel of Xception's size with random weights (tests/standin.py), in a TF Serving base folder."""
-    import tensorflow as tf
-
-    from contract import MODEL_NAME
-    from standin import build_xception_size
-
-    base = work / "xception" / MODEL_NAME
-    tf.saved_model.save(build_xception_size(), str(base / "1"))
+    """A model of Xception's size with random weights (tests/standin.py), converted by notebook 01 like the
+    course model (both signatures), in a TF Serving base folder."""
+    base = convert_with_notebook_01(work / "xception", "save_xception_size_h5")
     return base, "Xception's size with random weights (tests/standin.py build_xception_size): the course model's cost"
 
 

@@ -55,6 +55,7 @@ from tensorflow_serving.apis import (
 )
 
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
+from gateway import scale  # Xception's scaling, as the gateway does it
 from model_server import array_to_tensor_proto, parse_batching_parameters
 from servers import CHANNEL_OPTIONS, running_model_server
 
@@ -93,10 +94,6 @@ def pixel_request(P: np.ndarray) -> predict_pb2.PredictRequest:
     request = course_request(P)
     request.model_spec.signature_name = UINT8_SIGNATURE_NAME
     return request
-
-
-def scaled(P: np.ndarray) -> np.ndarray:
-    return P.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def measure_latency(stub, paths: dict, calls: int) -> dict:
@@ -272,8 +269,8 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
         return pixel_function(**{INPUT_NAME: P})[OUTPUT_NAME].numpy()
 
     P = np.random.default_rng(0).integers(0, 256, (1, 299, 299, 3), np.uint8)
-    X = scaled(P)
-    X8 = scaled(np.random.default_rng(8).integers(0, 256, (8, 299, 299, 3), np.uint8))
+    X = scale(P)
+    X8 = scale(np.random.default_rng(8).integers(0, 256, (8, 299, 299, 3), np.uint8))
     request = course_request(X)
     result = {"model": title, "plan": asdict(plan)}
     result["request_bytes"] = {"float32": request.ByteSize(), "uint8": pixel_request(P).ByteSize()}

@@ -33,8 +33,6 @@ from common import BENCH, machine, machine_line, markdown_table, prepare_model, 
 
 import gateway
 import loadtest
-import protobuf
-from contract import MODEL_NAME
 from servers import running_model_server
 
 WIRES = ("float32", "uint8")
@@ -50,13 +48,9 @@ def request_bytes(target: str, wire: str, photo: bytes) -> int:
     route = client.route(np.uint8)
     if route.wire != wire:
         raise RuntimeError(f"GATEWAY_WIRE={wire} chose {route.wire}: the model lacks that signature")
-    request = protobuf.PredictRequest()
-    request.model_spec.name = MODEL_NAME
-    request.model_spec.signature_name = route.signature
-    request.inputs[route.input_name].CopyFrom(route.tensor(gateway.pixels(photo, gateway.Settings())[None]))
-    request.output_filter.append(route.output_name)
+    size = client.predict_request(route, gateway.pixels(photo, gateway.Settings())[None]).ByteSize()
     client.channel.close()
-    return request.ByteSize()
+    return size
 
 
 def summarise(runs: list[dict], seconds: float) -> dict:

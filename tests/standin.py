@@ -77,3 +77,23 @@ def save_xception_size_h5(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     build_xception_size().save(path, save_format="h5")
     return path
+
+
+def export_float32_only(keras_model, directory: Path, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME):
+    """`keras_model` as a SavedModel in `directory` with one signature, serving_default, float32 in, as an older
+    export or one made by hand (without notebook 01's serving_uint8), under the given tensor names."""
+    import tensorflow as tf
+
+    class Float32Only(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = keras_model
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, IMAGE_SIZE[1], IMAGE_SIZE[0], 3], tf.float32, name=input_name)]
+        )
+        def serve(self, images):
+            return {output_name: self.model(images, training=False)}
+
+    module = Float32Only()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})

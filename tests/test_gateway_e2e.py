@@ -19,6 +19,7 @@ from conftest import PANTS, ROOT
 from contract import CLASSES, IMAGE_SIZE
 from gateways import free_port, running_gateway
 from servers import running_model_server
+from standin import export_float32_only
 
 
 @pytest.fixture(scope="module")
@@ -135,27 +136,9 @@ def test_model_server_down_gives_503_fast_and_recovers_without_gateway_restart(m
             assert gw.process.pid == pid and gw.process.poll() is None
 
 
-def _export_with_names(keras_model, base, version, input_name, output_name):
-    import tensorflow as tf
-
-    class Renamed(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = keras_model
-
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, IMAGE_SIZE[1], IMAGE_SIZE[0], 3], tf.float32, name=input_name)]
-        )
-        def serve(self, images):
-            return {output_name: self.model(images, training=False)}
-
-    module = Renamed()
-    tf.saved_model.save(module, str(base / str(version)), signatures={"serving_default": module.serve})
-
-
 def test_tensor_names_are_discovered_from_model_metadata(standin_keras, photo_folder, tmp_path):
     base = tmp_path / "renamed"
-    _export_with_names(standin_keras, base, 1, "images", "scores")
+    export_float32_only(standin_keras, base / "1", "images", "scores")
     with running_model_server(base, rest_api_port=0) as server:
         client = gateway.ModelClient(gateway.Settings(tf_serving_host=server.grpc_target))
         assert client.tensor_names() == ("images", "scores")

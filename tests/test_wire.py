@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import gateway
-import protobuf
 from conftest import DATASET, PANTS
-from contract import IMAGE_SIZE, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
+from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 from servers import running_model_server
+from standin import export_float32_only
 
 FLOAT32_BYTES, UINT8_BYTES = 299 * 299 * 3 * 4, 299 * 299 * 3
 
@@ -26,23 +26,6 @@ def model_server(model_base):
 
 def _client(server, **settings) -> gateway.ModelClient:
     return gateway.ModelClient(gateway.Settings(tf_serving_host=server.grpc_target, **settings))
-
-
-def _course_only(keras_model, directory):
-    """A SavedModel with the course's signature alone, as an older export or one made by hand."""
-    import tensorflow as tf
-
-    class CourseOnly(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = keras_model
-
-        @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE[::-1], 3], tf.float32, name=INPUT_NAME)])
-        def serve(self, images):
-            return {OUTPUT_NAME: self.model(images, training=False)}
-
-    module = CourseOnly()
-    tf.saved_model.save(module, str(directory), signatures={SIGNATURE_NAME: module.serve})
 
 
 def test_notebook_01_exports_a_pixel_signature_beside_the_course_one(converted):
@@ -78,12 +61,8 @@ def test_a_pixel_request_is_a_quarter_of_the_bytes(model_server, photo_folder):
     assert pixels.dtype == np.uint8
     sizes = {}
     for wire in ("uint8", "float32"):
-        route = _client(model_server, wire=wire).route(np.uint8)
-        request = protobuf.PredictRequest()
-        request.model_spec.name = MODEL_NAME
-        request.model_spec.signature_name = route.signature
-        request.inputs[route.input_name].CopyFrom(route.tensor(pixels))
-        sizes[wire] = request.ByteSize()
+        client = _client(model_server, wire=wire)
+        sizes[wire] = client.predict_request(client.route(np.uint8), pixels).ByteSize()
     assert UINT8_BYTES < sizes["uint8"] < UINT8_BYTES + 100
     assert FLOAT32_BYTES < sizes["float32"] < FLOAT32_BYTES + 100
 
@@ -120,7 +99,7 @@ def test_logits_through_both_paths_agree_within_1e_5(model_server, photo_folder)
 
 
 def test_a_model_with_only_the_course_signature_gets_float32(standin_keras, photo_folder, tmp_path):
-    _course_only(standin_keras, tmp_path / "old" / "1")
+    export_float32_only(standin_keras, tmp_path / "old" / "1")
     data = (photo_folder / PANTS).read_bytes()
     with running_model_server(tmp_path / "old", rest_api_port=0) as server:
         app = gateway.create_app(gateway.Settings(tf_serving_host=server.grpc_target))
@@ -148,7 +127,7 @@ def test_a_new_version_without_the_pixel_signature_is_followed_within_the_reques
         app = gateway.create_app(gateway.Settings(tf_serving_host=server.grpc_target)).test_client()
         first = app.post("/predict?detail=1", data=data, content_type="image/jpeg").get_json()
         assert (first["model"]["version"], first["model"]["wire"]) == (1, "uint8")
-        _course_only(standin_keras, tmp_path / "staged")
+        export_float32_only(standin_keras, tmp_path / "staged")
         os.replace(tmp_path / "staged", base / "2")
         deadline = time.monotonic() + 60
         while "Serving clothing-model version 2" not in server.log():
