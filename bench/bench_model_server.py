@@ -56,8 +56,9 @@ from tensorflow_serving.apis import (
 
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 from gateway import scale  # Xception's scaling, as the gateway does it
-from model_server import array_to_tensor_proto, parse_batching_parameters
 from servers import CHANNEL_OPTIONS, running_model_server
+from serving.batching import parse_batching_parameters
+from serving.predict import array_to_tensor_proto
 
 CLIENTS = (1, 4, 8, 16)
 

@@ -38,6 +38,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY model_server.py contract.py ./
+COPY serving/ ./serving/
 COPY --from=builder /staging/clothing-model/${MODEL_VERSION} /models/clothing-model/1
 COPY --from=builder /staging/batching.config /etc/tf-serving/batching.config
 # The server only reads the model: it runs as nobody, as the tensorflow/serving images here do.

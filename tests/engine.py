@@ -284,6 +284,7 @@ def model_build_context(model_base: Path, context: Path) -> Path:
     for name in ("Pipfile", "Pipfile.lock", "model_server.py", "contract.py", "dockerfiles/batching.config"):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, context / name)
+    shutil.copytree(ROOT / "serving", context / "serving", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(model_base, context / MODEL_BASE_PATH)
     return context
 

@@ -41,8 +41,8 @@ PYTHON_DOCKERFILES = [GATEWAY_DOCKERFILE, MODEL_SERVER_DOCKERFILE]
 COMPOSE = ROOT / "docker-compose.yaml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yaml"
 COMPOSE_MODEL_SERVER = ROOT / "docker-compose.model-server.yaml"
-# What the model-server image needs at run time.
-MODEL_SERVER_FILES = {"model_server.py", "contract.py"}
+# What the model-server image needs at run time: the command line, the contract and the serving package.
+MODEL_SERVER_FILES = {"model_server.py", "contract.py"} | {f"serving/{p.name}" for p in (ROOT / "serving").glob("*.py")}
 # What the gateway image needs at run time, per the gateway's contract.
 GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py", "gateway.html"}
 GATEWAY_CMD = ["gunicorn", "--config", "gunicorn.conf.py", "gateway:app"]
@@ -187,28 +187,53 @@ def compose_command() -> list[str] | None:
 
 
 def runtime_dependencies(section: str, entry: str, files: set[str]) -> tuple[set[str], set[str]]:
-    """The repo modules `entry` needs (transitively) and the third-party imports among them."""
-    local = {path.stem for path in ROOT.glob("*.py")}
-    needed, todo = set(), [entry]
+    """The repo files the module `entry` needs, transitively (a package's modules with their __init__.py), as paths
+    relative to the repository, and the third-party imports among those in `files`."""
+    needed, todo = set(), [f"{entry}.py"]
     while todo:
-        module = todo.pop()
-        needed.add(f"{module}.py")
-        todo.extend(name for name in imports_of(ROOT / f"{module}.py") & local if f"{name}.py" not in needed)
+        path = todo.pop()
+        needed.add(path)
+        todo.extend(local for local in repo_files_imported(ROOT / path) if local not in needed)
     third_party = set()
-    for name in needed & files:
-        third_party |= imports_of(ROOT / name) - local - set(sys.stdlib_module_names) - {"__future__"}
+    for path in needed & files:
+        third_party |= imports_of(ROOT / path) - local_names() - set(sys.stdlib_module_names) - {"__future__"}
     return needed, third_party
+
+
+def local_names() -> set[str]:
+    """Top-level names the repository provides: its modules and its packages."""
+    return {path.stem for path in ROOT.glob("*.py")} | {path.parent.name for path in ROOT.glob("*/__init__.py")}
+
+
+def repo_files_imported(path: Path) -> set[str]:
+    """The repo files an import in `path` loads: `contract.py`; for `serving.versions`, serving/__init__.py and
+    serving/versions.py."""
+    files = set()
+    for module in imported_modules(path):
+        parts = module.split(".")
+        if (ROOT / f"{parts[0]}.py").is_file():
+            files.add(f"{parts[0]}.py")
+        elif (ROOT / parts[0] / "__init__.py").is_file():
+            files.add(f"{parts[0]}/__init__.py")
+            if len(parts) > 1:
+                files.add("/".join(parts[:2]) + ".py")
+    return files
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The full dotted name of every absolute import in a Python file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
 
 
 def imports_of(path: Path) -> set[str]:
     """Top-level names of every absolute import in a Python file."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+    return {name.split(".")[0] for name in imported_modules(path)}
 
 
 def existing_gateway_files() -> list[Path]:
@@ -339,8 +364,17 @@ def test_model_server_image_has_tf_servings_contract():
     assert not args_of(stage, "CMD")
     probe = " ".join(healthcheck_cmd(MODEL_SERVER_DOCKERFILE))
     assert f"127.0.0.1:{contract.REST_PORT}/v1/models/" in probe and "AVAILABLE" in probe
-    ((sources, destination),) = local_copies(stage)
-    assert set(sources) == MODEL_SERVER_FILES and destination == "./"
+    # Each file lands at its own path under /app: the modules beside each other, the package as a folder.
+    copied = set()
+    for sources, destination in local_copies(stage):
+        for source in sources:
+            if source.endswith("/"):
+                assert destination == f"./{source}", f"{source} must keep its folder in the image"
+                copied |= {f"{source}{path.name}" for path in (ROOT / source).glob("*.py")}
+            else:
+                assert destination == "./"
+                copied.add(source)
+    assert copied == MODEL_SERVER_FILES
     assert args_of(stage, "WORKDIR") == ["/app"]
 
 
@@ -396,8 +430,9 @@ def test_model_server_build_context_holds_only_what_the_image_copies():
     assert rules[0] == "*"
     allowed = {rule.removeprefix("!").rstrip("/") for rule in rules[1:] if rule.startswith("!")}
     copied = {source for copy, _ in local_copies(stages(MODEL_SERVER_DOCKERFILE)[0]) for source in copy}
-    copied |= {source for copy, _ in local_copies(final_stage(MODEL_SERVER_DOCKERFILE)) for source in copy}
+    copied |= {source.rstrip("/") for copy, _ in local_copies(final_stage(MODEL_SERVER_DOCKERFILE)) for source in copy}
     assert allowed == (copied - {"model[s]"}) | {contract.MODEL_BASE_PATH}
+    assert "**/__pycache__" in rules, "bytecode caches of the package stay out of the image"
 
 
 @pytest.mark.parametrize("dockerfile", [MODEL_DOCKERFILE, MODEL_SERVER_DOCKERFILE], ids=lambda p: p.name)

@@ -28,7 +28,10 @@ from tensorflow_serving.apis import (
 
 import model_server
 from contract import GRPC_PORT, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, REST_PORT, SIGNATURE_NAME
-from servers import running_model_server
+from servers import ROOT, running_model_server
+from serving.batching import Batcher, BatchingOptions, parse_batching_parameters
+from serving.errors import ServingError
+from serving.predict import Predictor
 
 TOLERANCE = 1e-5
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
@@ -526,10 +529,8 @@ def test_batching_gives_each_caller_its_own_rows(model_base, reference, tmp_path
 
 
 def test_batcher_queue_is_bounded():
-    options = model_server.BatchingOptions(
-        max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
-    )
-    batcher = model_server.Batcher(options)
+    options = BatchingOptions(max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1)
+    batcher = Batcher(options)
     batcher.start()
     entered, release = threading.Event(), threading.Event()
 
@@ -547,11 +548,11 @@ def test_batcher_queue_is_bounded():
         assert entered.wait(timeout=10)
         queued = pool.submit(submit, 2, 10)  # fills the queue: 1 batch of 2 rows
         wait_for(lambda: batcher.queued_rows == 2, 10, "the second request to queue")
-        with pytest.raises(model_server.ServingError) as full:
+        with pytest.raises(ServingError) as full:
             submit(1, 20)
         assert full.value.code == grpc.StatusCode.UNAVAILABLE
         assert full.value.message == "The batch scheduling queue to which this task was submitted is full"
-        with pytest.raises(model_server.ServingError) as too_big:
+        with pytest.raises(ServingError) as too_big:
             submit(3, 30)
         assert too_big.value.code == grpc.StatusCode.INVALID_ARGUMENT
         release.set()
@@ -561,9 +562,9 @@ def test_batcher_queue_is_bounded():
 
 
 def test_a_full_server_refuses_at_once_with_unavailable():
-    predictor = model_server.Predictor(None, max_requests=1)
+    predictor = Predictor(None, max_requests=1)
     with predictor.admit():
-        with pytest.raises(model_server.ServingError) as full, predictor.admit():
+        with pytest.raises(ServingError) as full, predictor.admit():
             pass
         assert full.value.code == grpc.StatusCode.UNAVAILABLE
         assert "--max_concurrent_requests=1" in full.value.message
@@ -602,13 +603,13 @@ def test_past_its_limit_the_server_answers_unavailable_quickly_never_by_timing_o
 
 
 def test_batching_parameters_file_format():
-    text = (model_server.ROOT / "dockerfiles" / "batching.config").read_text()
-    options = model_server.parse_batching_parameters(text)
+    text = (ROOT / "dockerfiles" / "batching.config").read_text()
+    options = parse_batching_parameters(text)
     assert (options.max_batch_size, options.batch_timeout_micros) == (8, 2000)
     assert (options.max_enqueued_batches, options.num_batch_threads) == (64, 2)
-    assert model_server.parse_batching_parameters("max_batch_size: 4").max_batch_size == 4
+    assert parse_batching_parameters("max_batch_size: 4").max_batch_size == 4
     with pytest.raises(ValueError, match="max_batch_size"):
-        model_server.parse_batching_parameters("max_batch_size { value: many }")
+        parse_batching_parameters("max_batch_size { value: many }")
 
 
 # ---- graceful shutdown ------------------------------------------------------------------------------------
