@@ -8,11 +8,16 @@ float32[-1,10]) and the pixel one (serving_uint8: input_8 uint8): the test suite
 Xception-size one (keras Xception, random weights, same head). For each, one image per request, as the gateway
 sends them:
   - latency: gRPC Predict against the in-process call of the same signature, float32 (the course's client
-    path) and uint8, interleaved call by call so that whatever else runs on the machine slows all alike; p50
-    and p99; and where the float32 request's time goes (each step outside the model timed on its own);
+    path) and uint8, in alternating blocks so that whatever else runs on the machine slows all alike; p50
+    and p99. Beside model_server.py, the same requests go to bench/bare_grpc_server.py (sync and asyncio), which
+    holds each call as long as the model takes and answers without any work: the floor of what gRPC adds for a
+    Python server on this machine. Every gRPC call follows the same two in-process calls: the public signature
+    call (the reference) and the direct call model_server.py makes (serving/versions.py);
+  - where the float32 request's time goes (each step outside the model timed on its own);
   - throughput: 1, 4, 8 and 16 concurrent clients, without and with --enable_batching (the compose
     model tier's dockerfiles/batching.config unless --batching-config says otherwise), against the
-    in-process call on batches of 1 and of 8 images.
+    in-process call on batches of 1 and of 8 images; uint8 requests (the gateway's wire) at 8 clients; and the
+    CPU a request costs the bare server and its clients at 8 clients, the floor under batching.
 Writes bench/model_server.md and bench/model_server.json. It measures, it does not test: the targets
 are reported as met or not met, and nothing fails on them.
 """
@@ -24,13 +29,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -56,11 +64,14 @@ from tensorflow_serving.apis import (
 
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 from gateway import scale  # Xception's scaling, as the gateway does it
-from servers import CHANNEL_OPTIONS, running_model_server
+from servers import CHANNEL_OPTIONS, free_port, running_model_server, terminate
 from serving.batching import parse_batching_parameters
 from serving.predict import array_to_tensor_proto
+from serving.versions import ServedVersion
 
 CLIENTS = (1, 4, 8, 16)
+# The servers every latency call goes to, in turn: ours, and the bare floor in both of grpcio's server kinds.
+SERVERS = ("model_server", "bare_sync", "bare_asyncio")
 
 
 @dataclass(frozen=True)
@@ -97,24 +108,49 @@ def pixel_request(P: np.ndarray) -> predict_pb2.PredictRequest:
     return request
 
 
-def measure_latency(stub, paths: dict, calls: int) -> dict:
-    """{path: (in-process latency, gRPC latency)} for paths {name: (in_process, request, input)}: every call of
-    every path interleaved with the others, so the machine's load drifts over all alike."""
-    for in_process, request, value in paths.values():
+def measure_latency(paths: dict, stubs: dict, calls: int, block: int = 25) -> dict:
+    """{path: {"public": .., "direct": .., <server>: ..}} latencies for paths {name: (public, direct, request, input)}
+    and stubs {server: stub}. Each gRPC call follows the same two in-process calls, the public one (the reference)
+    and the direct one (model_server.py's), so every server meets what a client calling about every 6 ms brings.
+    The servers and paths take turns in blocks of `block` calls: the machine's load drifts over all alike, and no
+    server sits idle while the others are called (a longer idle makes the next call slower: caches and threads go
+    cold)."""
+    for public, direct, request, value in paths.values():
         for _ in range(3):
-            in_process(value)
-            stub.Predict(request, timeout=300)
-    times = {name: ([], []) for name in paths}
-    for _ in range(calls):
-        for name, (in_process, request, value) in paths.items():
-            local, remote = times[name]
-            started = time.perf_counter()
-            in_process(value)
-            local.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            stub.Predict(request, timeout=300)
-            remote.append(time.perf_counter() - started)
-    return {name: (latency_ms(local), latency_ms(remote)) for name, (local, remote) in times.items()}
+            public(value), direct(value)
+            for stub in stubs.values():
+                stub.Predict(request, timeout=300)
+    times = {path: {name: [] for name in ("public", "direct", *stubs)} for path in paths}
+
+    def timed(into: list, call, *args, **kwargs) -> None:
+        started = time.perf_counter()
+        call(*args, **kwargs)
+        into.append(time.perf_counter() - started)
+
+    block = min(block, calls)
+    for _ in range(max(calls // block, 1)):
+        for path, (public, direct, request, value) in paths.items():
+            for name, stub in stubs.items():
+                for _ in range(block):
+                    timed(times[path]["public"], public, value)
+                    timed(times[path]["direct"], direct, value)
+                    timed(times[path][name], stub.Predict, request, timeout=300)
+    return {path: {name: latency_ms(t) for name, t in by.items()} for path, by in times.items()}
+
+
+@contextlib.contextmanager
+def running_bare_server(mode: str, hold_ms: float = 0.0):
+    """bench/bare_grpc_server.py on a free port; yields what the measurements need (grpc_target, process)."""
+    port = free_port()
+    command = [sys.executable, str(BENCH / "bare_grpc_server.py"), "--port", str(port), "--mode", mode]
+    process = subprocess.Popen([*command, "--hold-ms", f"{hold_ms:.4f}"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # it prints one line once it listens
+        if "gRPC server on" not in line:
+            raise RuntimeError(f"bare_grpc_server.py --mode {mode} did not start (exit {process.poll()}): {line!r}")
+        yield SimpleNamespace(grpc_target=f"127.0.0.1:{port}", process=process)
+    finally:
+        terminate(process)
 
 
 def p50_of_each(steps: dict, calls: int) -> dict:
@@ -145,7 +181,7 @@ def floors(channel, X: np.ndarray, calls: int) -> dict:
     return p50_of_each(steps, calls)
 
 
-def where_the_time_goes(in_process, request: predict_pb2.PredictRequest, calls: int) -> dict:
+def where_the_time_goes(in_process, direct, request: predict_pb2.PredictRequest, calls: int) -> dict:
     """p50 ms of each step of a float32 Predict outside the network, each timed on its own as the client and
     model_server.py do it: what is left of the gRPC time is transport, HTTP/2 and the servicer's threads."""
     data = request.SerializeToString()
@@ -156,7 +192,8 @@ def where_the_time_goes(in_process, request: predict_pb2.PredictRequest, calls: 
             parsed.inputs[INPUT_NAME].tensor_content, np.float32
         ).reshape(1, 299, 299, 3),
         "server: numpy to a tensor": lambda: tf.convert_to_tensor(array),
-        "server: the model (in-process call)": lambda: in_process(array),
+        "the model (in-process public call, the reference)": lambda: in_process(array),
+        "the model (model_server.py's direct call)": lambda: direct(array),
         "server: encode the answer": lambda: answer(),
         "client: parse the answer": lambda: predict_pb2.PredictResponse.FromString(answer_bytes),
     }
@@ -262,6 +299,9 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
     base = convert_with_notebook_01(work / key, saver)
     loaded = tf.saved_model.load(str(base / "1"))
     function, pixel_function = loaded.signatures[SIGNATURE_NAME], loaded.signatures[UINT8_SIGNATURE_NAME]
+    # The model as model_server.py calls it (the direct call of each signature's graph, serving/versions.py).
+    served = ServedVersion(1, base / "1")
+    served.warm_up()
 
     def in_process(X):
         return function(**{INPUT_NAME: X})[OUTPUT_NAME].numpy()
@@ -269,108 +309,158 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
     def in_process_pixels(P):
         return pixel_function(**{INPUT_NAME: P})[OUTPUT_NAME].numpy()
 
+    def direct_call(signature_name: str):
+        signature = served.signatures[signature_name]
+        return lambda value: served.run(signature, {INPUT_NAME: value})[OUTPUT_NAME]
+
+    direct, direct_pixels = direct_call(SIGNATURE_NAME), direct_call(UINT8_SIGNATURE_NAME)
     P = np.random.default_rng(0).integers(0, 256, (1, 299, 299, 3), np.uint8)
     X = scale(P)
-    X8 = scale(np.random.default_rng(8).integers(0, 256, (8, 299, 299, 3), np.uint8))
-    request = course_request(X)
+    P8 = np.random.default_rng(8).integers(0, 256, (8, 299, 299, 3), np.uint8)
+    X8 = scale(P8)
+    request, pixels = course_request(X), pixel_request(P)
     result = {"model": title, "plan": asdict(plan)}
-    result["request_bytes"] = {"float32": request.ByteSize(), "uint8": pixel_request(P).ByteSize()}
+    result["request_bytes"] = {"float32": request.ByteSize(), "uint8": pixels.ByteSize()}
+    result["direct_call"] = {name: s.direct is not None for name, s in served.signatures.items()}
+    # The bare servers hold each call as long as model_server.py's own model call takes.
+    hold_ms = p50_of_each({"direct": lambda: direct(X)}, max(plan.latency_calls // 5, 5))["direct"]
+    result["bare_hold_ms"] = hold_ms
     batching = {"enable_batching": True, "batching_parameters_file": batching_config}
-    # Both servers run side by side (the idle one costs nothing) so that their measurements can
-    # alternate: the load of the machine drifts, and alternating spreads the drift over both.
+    # The servers run side by side (an idle one costs nothing) so that their measurements can alternate: the
+    # load of the machine drifts, and alternating spreads the drift over all of them.
     with (
         running_model_server(base, rest_api_port=0) as plain,
         running_model_server(base, rest_api_port=0, **batching) as batched,
+        running_bare_server("sync", hold_ms) as bare_sync,
+        running_bare_server("asyncio", hold_ms) as bare_asyncio,
+        running_bare_server("sync") as bare,
         plain.channel() as channel,
     ):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         answer = stub.Predict(request, timeout=300).outputs[OUTPUT_NAME].float_val
         result["max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
-        answer = stub.Predict(pixel_request(P), timeout=300).outputs[OUTPUT_NAME].float_val
+        answer = stub.Predict(pixels, timeout=300).outputs[OUTPUT_NAME].float_val
         result["uint8_max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
-        log(f"{title}: latency, {plan.latency_calls} interleaved calls of each path")
-        paths = {"float32": (in_process, request, X), "uint8": (in_process_pixels, pixel_request(P), P)}
-        latency = measure_latency(stub, paths, plan.latency_calls)
-        result["in_process"], result["grpc"] = latency["float32"]
-        result["in_process_uint8"], result["grpc_uint8"] = latency["uint8"]
-        result["steps_ms"] = where_the_time_goes(in_process, request, plan.latency_calls)
+        log(f"{title}: latency, {plan.latency_calls} interleaved calls of each path and server")
+        paths = {
+            "float32": (in_process, direct, request, X),
+            "uint8": (in_process_pixels, direct_pixels, pixels, P),
+        }
+        with contextlib.ExitStack() as channels:
+            stubs = {"model_server": stub}
+            for name, server in (("bare_sync", bare_sync), ("bare_asyncio", bare_asyncio)):
+                bare_channel = channels.enter_context(grpc.insecure_channel(server.grpc_target, CHANNEL_OPTIONS))
+                stubs[name] = prediction_service_pb2_grpc.PredictionServiceStub(bare_channel)
+            result["latency"] = measure_latency(paths, stubs, plan.latency_calls)
+        result["steps_ms"] = where_the_time_goes(in_process, direct, request, plan.latency_calls)
         result["floor_ms"] = floors(channel, X, plan.latency_calls)
 
-        windows = {name: Window() for name in ("batch1", "batch8")}
+        windows = {name: Window() for name in ("batch1", "batch8", "batch8_uint8")}
         windows.update({(name, c): Window() for name in ("plain", "batched") for c in CLIENTS})
+        windows.update({(name, "uint8"): Window() for name in ("plain", "batched", "bare")})
+        windows["bare", "float32"] = Window()
         for round_ in range(plan.rounds):
             log(f"{title}: throughput, round {round_ + 1} of {plan.rounds}")
             measure_in_process(in_process, X, plan.window_seconds, windows["batch1"])
             measure_in_process(in_process, X8, plan.window_seconds, windows["batch8"])
+            measure_in_process(in_process_pixels, P8, plan.window_seconds, windows["batch8_uint8"])
+            servers = (("plain", plain), ("batched", batched))
             for clients in CLIENTS:
-                servers = (("plain", plain), ("batched", batched))
                 for name, server in servers if round_ % 2 == 0 else reversed(servers):
                     measure_throughput(server, request, clients, plan.window_seconds, windows[name, clients])
-    result["in_process_batch1"] = windows["batch1"].summary()
-    result["in_process_batch8"] = windows["batch8"].summary()
+            # At 8 clients: pixels through both of ours, and both wires through the bare server (its CPU per request).
+            for name, server in (*servers, ("bare", bare)):
+                measure_throughput(server, pixels, 8, plan.window_seconds, windows[name, "uint8"])
+            measure_throughput(bare, request, 8, plan.window_seconds, windows["bare", "float32"])
+    windows["plain", "float32"], windows["batched", "float32"] = windows["plain", 8], windows["batched", 8]
+    for name in ("batch1", "batch8", "batch8_uint8"):
+        result[f"in_process_{name}"] = windows[name].summary()
     result["without_batching"] = [{"clients": c, **windows["plain", c].summary()} for c in CLIENTS]
     result["with_batching"] = [{"clients": c, **windows["batched", c].summary()} for c in CLIENTS]
+    result["at_8_clients"] = {
+        wire: {name: windows[name, wire].summary() for name in ("plain", "batched", "bare")}
+        for wire in ("float32", "uint8")
+    }
     return result
+
+
+def added_ms(r: dict, wire: str) -> float:
+    """What gRPC adds to the in-process public call, p50 (the issue's measure)."""
+    latency = r["latency"][wire]
+    return latency["model_server"]["p50"] - latency["public"]["p50"]
+
+
+def parts_of_added(r: dict, wire: str) -> dict:
+    """What gRPC adds, part by part (ms, p50): the model call (model_server.py's direct call against the public
+    one), grpcio itself (the bare sync server beyond its hold), and the servicer's own work, the rest. The lowest
+    any servicer could reach is the first two together: grpcio's floor plus the model call."""
+    latency, hold = r["latency"][wire], r["bare_hold_ms"]
+    model_call = latency["direct"]["p50"] - latency["public"]["p50"]
+    grpcio = latency["bare_sync"]["p50"] - hold
+    return {
+        "gRPC adds": added_ms(r, wire),
+        "the model call: direct instead of public": model_call,
+        "grpcio, sync server (the bare one beyond its hold)": grpcio,
+        "grpcio, asyncio server (the bare one beyond its hold)": latency["bare_asyncio"]["p50"] - hold,
+        "model_server.py's own work (the rest)": added_ms(r, wire) - model_call - grpcio,
+        "**the lowest a sync Python server can add: grpcio + the model call**": grpcio + model_call,
+    }
+
+
+def batching_ceiling(r: dict, wire: str, cores: int) -> dict:
+    """The most images/s batching at 8 clients could reach if the servicer cost nothing: every image costs the
+    model's in-process batch-8 CPU plus what the bare server and its clients spend on one request."""
+    batch8 = r["in_process_batch8" if wire == "float32" else "in_process_batch8_uint8"]
+    bare = r["at_8_clients"][wire]["bare"]["cpu_ms_per_item"]
+    ceiling = 1000 * cores / (batch8["cpu_ms_per_item"] + bare)
+    return {"bare_cpu_ms": bare, "images_per_s": ceiling, "ratio": ceiling / batch8["per_s"]}
 
 
 def evaluate(results: dict) -> list[dict]:
     """The issue's targets, as measured / required (common.target)."""
     targets = []
     if "xception" in results:
-        r = results["xception"]
-        ratio = r["grpc"]["p50"] / r["in_process"]["p50"]
+        latency = results["xception"]["latency"]["float32"]
+        ratio = latency["model_server"]["p50"] / latency["public"]["p50"]
         targets.append(target("Xception-size: gRPC p50 / in-process p50", ratio, "x", 1.05, at_most=True))
     if "standin" in results:
         r = results["standin"]
-        added = r["grpc"]["p50"] - r["in_process"]["p50"]
-        targets.append(target("stand-in, float32: gRPC p50 - in-process p50", added, "ms", 1.5, at_most=True))
-        added = r["grpc_uint8"]["p50"] - r["in_process_uint8"]["p50"]
-        targets.append(target("stand-in, uint8: gRPC p50 - in-process p50", added, "ms", 0.75, at_most=True))
+        targets.append(target("stand-in, float32: gRPC p50 - in-process p50", added_ms(r, "float32"), "ms", 1.5, True))
+        targets.append(target("stand-in, uint8: gRPC p50 - in-process p50", added_ms(r, "uint8"), "ms", 0.75, True))
     for r in results.values():
-        rate = next(t["per_s"] for t in r["with_batching"] if t["clients"] == 8)
-        name = f"{r['model']}: batching at 8 clients / in-process batch-8 throughput"
-        targets.append(target(name, rate / r["in_process_batch8"]["per_s"], "x", 0.9, at_most=False))
+        for wire, batch8 in (("float32", "in_process_batch8"), ("uint8", "in_process_batch8_uint8")):
+            rate = r["at_8_clients"][wire]["batched"]["per_s"]
+            name = f"{r['model']}, {wire}: batching at 8 clients / in-process batch-8 throughput"
+            targets.append(target(name, rate / r[batch8]["per_s"], "x", 0.9, at_most=False))
     return targets
-
-
-def overhead_note(results: dict) -> str:
-    """Why batching can or cannot catch up with an in-process batch: what each request costs on top."""
-    parts = []
-    for r in results.values():
-        batched = next(t for t in r["with_batching"] if t["clients"] == 8)
-        extra = batched["cpu_ms_per_item"] - r["in_process_batch8"]["cpu_ms_per_item"]
-        parts.append(
-            f"{r['model']}: {batched['cpu_ms_per_item']:.1f} ms of CPU per request at 8 clients with batching "
-            f"against {r['in_process_batch8']['cpu_ms_per_item']:.1f} ms per image in an in-process batch of 8 "
-            f"({extra:+.1f} ms)"
-        )
-    return (
-        "What a request costs beyond the model (CPU of client and server together: the 1 MB tensor through "
-        "Python gRPC both ways, the handler, the batching) is not removed by batching; where it is as large "
-        "as the model's own cost per image, batching through the server cannot reach the in-process batch. "
-        + "; ".join(parts)
-        + "."
-    )
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
     results = report["results"].values()
-    latency_rows = [
-        [
-            r["model"],
-            path,
-            f"{r['request_bytes'][path]:,}",
-            r[local]["n"],
-            f"{r[local]['p50']:.2f}",
-            f"{r[local]['p99']:.2f}",
-            f"{r[remote]['p50']:.2f}",
-            f"{r[remote]['p99']:.2f}",
-            f"{r[remote]['p50'] - r[local]['p50']:+.2f}",
-            f"{r[remote]['p50'] / r[local]['p50']:.3f}",
-        ]
+    latency_rows = []
+    for r in results:
+        for wire in ("float32", "uint8"):
+            latency = r["latency"][wire]
+            latency_rows.append(
+                [
+                    r["model"],
+                    wire,
+                    f"{r['request_bytes'][wire]:,}",
+                    latency["model_server"]["n"],
+                    f"{latency['public']['p50']:.2f}",
+                    f"{latency['direct']['p50']:.2f}",
+                    f"{latency['model_server']['p50']:.2f}",
+                    f"{latency['model_server']['p99']:.2f}",
+                    f"**{added_ms(r, wire):+.2f}**",
+                    f"{latency['bare_sync']['p50']:.2f}",
+                    f"{latency['bare_asyncio']['p50']:.2f}",
+                ]
+            )
+    part_rows = [
+        [r["model"], name] + [f"{parts_of_added(r, wire)[name]:+.2f}" for wire in ("float32", "uint8")]
         for r in results
-        for path, local, remote in (("float32", "in_process", "grpc"), ("uint8", "in_process_uint8", "grpc_uint8"))
+        for name in parts_of_added(r, "float32")
     ]
     step_rows = []
     for r in results:
@@ -378,10 +468,6 @@ def markdown(report: dict) -> str:
         for name, ms in r["steps_ms"].items():
             step_rows.append([r["model"], name, f"{ms:.3f}"])
         step_rows.append([r["model"], "**steps outside the model, together**", f"{outside:.3f}"])
-        added = r["grpc"]["p50"] - r["in_process"]["p50"]
-        step_rows.append(
-            [r["model"], "**the rest of what gRPC adds: transport, HTTP/2, threads**", f"{added - outside:.3f}"]
-        )
         for name, ms in r["floor_ms"].items():
             step_rows.append([r["model"], f"floor: {name}", f"{ms:.3f}"])
 
@@ -391,18 +477,17 @@ def markdown(report: dict) -> str:
 
     throughput_rows = []
     for r in results:
-        one, eight = r["in_process_batch1"], r["in_process_batch8"]
-        throughput_rows.append(
-            [r["model"], "in-process, batch 1", rate(one), "", f"{one['cpu_ms_per_item']:.1f}", "", "", ""]
-        )
-        throughput_rows.append(
-            [r["model"], "in-process, batch 8", rate(eight), "", f"{eight['cpu_ms_per_item']:.1f}", "", "", ""]
-        )
+        for name in ("batch1", "batch8", "batch8_uint8"):
+            run = r[f"in_process_{name}"]
+            label = {"batch1": "batch 1", "batch8": "batch 8", "batch8_uint8": "batch 8, uint8 signature"}[name]
+            throughput_rows.append(
+                [r["model"], f"in-process, {label}", rate(run), "", f"{run['cpu_ms_per_item']:.1f}", "", "", ""]
+            )
         for plain, batched in zip(r["without_batching"], r["with_batching"], strict=True):
             throughput_rows.append(
                 [
                     r["model"],
-                    f"{plain['clients']} clients",
+                    f"{plain['clients']} clients, float32",
                     rate(plain),
                     f"{plain['p50_ms']:.1f}",
                     f"{plain['cpu_ms_per_item']:.1f}",
@@ -411,9 +496,44 @@ def markdown(report: dict) -> str:
                     f"{batched['cpu_ms_per_item']:.1f}",
                 ]
             )
+        plain, batched = r["at_8_clients"]["uint8"]["plain"], r["at_8_clients"]["uint8"]["batched"]
+        throughput_rows.append(
+            [
+                r["model"],
+                "8 clients, uint8",
+                rate(plain),
+                f"{plain['p50_ms']:.1f}",
+                f"{plain['cpu_ms_per_item']:.1f}",
+                rate(batched),
+                f"{batched['p50_ms']:.1f}",
+                f"{batched['cpu_ms_per_item']:.1f}",
+            ]
+        )
+    ceiling_rows = []
+    for r in results:
+        for wire, batch8 in (("float32", "in_process_batch8"), ("uint8", "in_process_batch8_uint8")):
+            ceiling = batching_ceiling(r, wire, m["cores"])
+            measured = r["at_8_clients"][wire]["batched"]["per_s"]
+            ceiling_rows.append(
+                [
+                    r["model"],
+                    wire,
+                    f"{r[batch8]['per_s']:.1f}",
+                    f"{r[batch8]['cpu_ms_per_item']:.2f}",
+                    f"{ceiling['bare_cpu_ms']:.2f}",
+                    f"{ceiling['images_per_s']:.1f} ({ceiling['ratio']:.2f}x)",
+                    f"{measured:.1f} ({measured / r[batch8]['per_s']:.2f}x)",
+                ]
+            )
     differences = ", ".join(f"{r['max_abs_difference']:.1e} ({r['model']})" for r in results)
     uint8 = ", ".join(f"{r['uint8_max_abs_difference']:.1e} ({r['model']})" for r in results)
     rounds = ", ".join(f"{r['plan']['rounds']} x {r['plan']['window_seconds']:g} s ({r['model']})" for r in results)
+    holds = ", ".join(f"{r['bare_hold_ms']:.2f} ms ({r['model']})" for r in results)
+    direct = "; ".join(
+        f"{r['model']}: "
+        + ", ".join(f"{name} {'direct' if used else 'public'}" for name, used in r["direct_call"].items())
+        for r in results
+    )
     lines = [
         "# model_server.py benchmark",
         "",
@@ -421,10 +541,10 @@ def markdown(report: dict) -> str:
         f"{m['load_average_at_end']}: other work on the machine shares these cores.",
         "",
         f"Run: `{report['mode']}` on {m['date']}, {report['duration_s']:.0f} s. One image (1x299x299x3, float32 "
-        "or uint8) per request, sent by this script on the same cores as the server. Batching: "
+        "or uint8) per request, sent by this script on the same cores as the servers. Batching: "
         f"`{report['batching_config']}` ({report['batching_parameters']}).",
         "",
-        "## Latency (ms, one image per request, in-process and gRPC calls interleaved)",
+        "## Latency (ms, one image per request, in-process and gRPC calls interleaved in blocks)",
         "",
         markdown_table(
             [
@@ -432,25 +552,39 @@ def markdown(report: dict) -> str:
                 "wire",
                 "request bytes",
                 "calls",
-                "in-process p50",
-                "p99",
+                "in-process p50 (public call)",
+                "in-process p50 (direct call)",
                 "gRPC p50",
-                "p99",
+                "gRPC p99",
                 "gRPC adds (p50)",
-                "ratio (p50)",
+                "bare sync server p50",
+                "bare asyncio server p50",
             ],
             latency_rows,
         ),
+        "",
+        "In-process: the signature called as any TensorFlow program calls it (the public call, the reference), and "
+        f"the direct call of its graph that model_server.py makes ({direct}). The bare servers "
+        "(bench/bare_grpc_server.py) take the same requests and answer the same size of answer without doing "
+        f"anything, after holding each call as long as model_server.py's model call takes ({holds}).",
+        "",
+        "## What gRPC adds, part by part (p50 ms)",
+        "",
+        markdown_table(["model", "part", "float32", "uint8"], part_rows),
+        "",
+        "grpcio's part is what the bare server adds beyond its hold: HTTP/2 and the loopback for the request's bytes "
+        "both ways, the server's threads (or event loop) waking up after the wait, the client's call. No servicer "
+        "written in Python can go below it; the asyncio server is not below the sync one here. The last row is "
+        "therefore the lowest 'gRPC adds' a Python server calling the model this way can reach on this machine: "
+        "where it is above a target, the target is out of reach for model_server.py.",
         "",
         "## Where a float32 request's time goes (p50 ms of each step, timed alone)",
         "",
         markdown_table(["model", "step", "p50 ms"], step_rows),
         "",
-        "The steps are the ones the client and model_server.py take, run one at a time in this process; what the "
-        "gRPC call adds beyond them is the transport itself (the 1 MB through the loopback and HTTP/2 framing, "
-        "in chunks, both ways) and the hand-offs between gRPC's threads and the servicer. The floors: a tiny call "
-        "through the same server pays the fixed part of that (one HTTP/2 exchange, gRPC's thread pool, the servicer, "
-        "the GIL) without the bytes; a memcpy of the 1 MB is what the bytes cost at the least.",
+        "The steps are the ones the client and model_server.py take, run one at a time in this process. The floors: "
+        "a tiny call through the same server pays the fixed part of a call (one HTTP/2 exchange, gRPC's thread pool, "
+        "the servicer, the GIL) without the bytes; a memcpy of the 1 MB is what the bytes cost at the least.",
         "",
         "## Throughput (one image per request)",
         "",
@@ -473,11 +607,29 @@ def markdown(report: dict) -> str:
         "request, or of the in-process caller per image: what a request costs, whatever else shares the "
         f"machine. Answers equal the in-process call to {differences}; through the uint8 signature to {uint8}.",
         "",
+        "## The ceiling of batching through gRPC at 8 clients",
+        "",
+        markdown_table(
+            [
+                "model",
+                "wire",
+                "in-process batch 8: images/s",
+                "its CPU ms/image",
+                "bare server + clients: CPU ms/request",
+                "ceiling: images/s (÷ in-process)",
+                "measured with batching (÷ in-process)",
+            ],
+            ceiling_rows,
+        ),
+        "",
+        f"On {m['cores']} cores shared by the server and its clients, an image sent through gRPC costs at least the "
+        "model's CPU per image in an in-process batch of 8 plus what grpcio spends on one request on both sides "
+        "(the bare server at 8 clients). The ceiling is the cores divided by that sum: the throughput batching "
+        "would reach if model_server.py's own work cost nothing.",
+        "",
         "## Targets",
         "",
         targets_table(report["targets"]),
-        "",
-        overhead_note(report["results"]),
     ]
     return "\n".join(lines) + "\n"
 
