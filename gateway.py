@@ -11,6 +11,7 @@ for the story; this module is that notebook's `gateway` cells.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -80,6 +82,7 @@ WIRES = ("auto", "float32", "uint8")
 _REPLACED_SETTINGS = {
     "GATEWAY_MAX_WAITING": "the queue is bounded by time now; set GATEWAY_QUEUE_BUDGET (seconds) instead",
     "GATEWAY_QUEUE_TIMEOUT": "set GATEWAY_QUEUE_BUDGET (seconds a request may wait, from its arrival) instead",
+    "GATEWAY_THREADS": "waiting requests hold no thread now; GATEWAY_MAX_INFLIGHT threads per worker do the work",
 }
 
 
@@ -98,9 +101,8 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # decoded size limit (a 50-megapixel photo); bigger is refused
     jpeg_draft: bool = True  # decode large JPEGs at a reduced scale (see the measurement in the README)
-    max_inflight: int = 4  # requests doing work at once in one process; the others wait in arrival order
+    max_inflight: int = 4  # requests doing work at once in one process (its threads); the others wait in order
     queue_budget: float = 1.0  # seconds from arrival a request may wait for a slot; past that it is shed (503)
-    threads: int = 0  # gunicorn's threads per worker (gunicorn.conf.py exports GATEWAY_THREADS); 0: unknown
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     @classmethod
@@ -125,7 +127,6 @@ class Settings:
             jpeg_draft=environ.get("GATEWAY_JPEG_DRAFT", "1").lower() not in ("0", "false", "no", "off"),
             max_inflight=_env_number(environ, "GATEWAY_MAX_INFLIGHT", cls.max_inflight, int, minimum=1),
             queue_budget=_env_number(environ, "GATEWAY_QUEUE_BUDGET", cls.queue_budget),
-            threads=_env_number(environ, "GATEWAY_THREADS", cls.threads, int),
             fetch=FetchPolicy.from_env(environ),
         )
 
@@ -683,45 +684,34 @@ def _openapi() -> dict:
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "admission"
 class _Turn:
-    """A request waiting for a slot: its deadline, and when the slot was granted (None: not, or too late)."""
+    """A request waiting for a slot: its deadline, and the future that gets the time its slot was granted (or
+    None: shed)."""
 
-    __slots__ = ("deadline", "event", "granted")
+    __slots__ = ("deadline", "future")
 
-    def __init__(self, deadline: float):
-        self.deadline, self.event, self.granted = deadline, threading.Event(), None
+    def __init__(self, deadline: float, future: asyncio.Future):
+        self.deadline, self.future = deadline, future
 
 
 class Admission:
-    """Admission by queueing delay, per process. At most `limit` requests work at once; the others wait in
-    arrival order, each for at most `budget` seconds from its arrival, and one that cannot start within its
-    budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the recent time a
-    request holds a slot: a request that would wait too long is refused without taking a place in the queue,
-    and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
-    to the oldest waiter.
+    """Admission by queueing delay, per process, in its event loop (no locks: one thread runs it). At most `limit`
+    requests work at once; the others wait in arrival order, each for at most `budget` seconds from its arrival,
+    and one that cannot start within its budget is shed (503 with Retry-After). Whether it can is predicted when it
+    arrives, from the recent time a request holds a slot: a request that would wait too long is refused without
+    taking a place in the queue, and one admitted to wait is still shed if its budget runs out. A finished request
+    hands its slot straight to the oldest waiter. A waiting request is a suspended coroutine: it holds no thread,
+    only its body, and the waiters' bodies together stay within `max_waiting_bytes` (0: no limit); past that, a
+    request that would wait is shed. `gauge` (optional) counts the waiters."""
 
-    Every waiting request holds one of gunicorn's threads (`threads` per worker; 0: unknown). A request whose
-    wait would leave fewer than a quarter of them free is refused too: past that point requests would queue
-    unseen in gunicorn itself, where no budget applies. A refusal is answered when the request's budget is
-    spent, not at once, while an eighth of the threads stays free: a client that asks again as soon as it is
-    refused would otherwise loop on instant refusals, and that loop costs the CPU the served requests need.
-    Holding an answer costs a sleeping thread, no CPU; short of threads, refusals go out at once."""
-
-    def __init__(self, limit: int, budget: float, threads: int = 0):
-        self.limit, self.budget = limit, budget
-        self._wait_threads = threads * 3 // 4 if threads else None  # working and waiting requests, at most
-        self._hold_threads = threads * 7 // 8  # working, waiting and held refusals, at most
-        self._lock = threading.Lock()
+    def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
+        self.limit, self.budget, self.max_waiting_bytes, self.gauge = limit, budget, max_waiting_bytes, gauge
         self._working = 0
-        self._held = 0
         self._waiting: collections.deque[_Turn] = collections.deque()
+        self._waiting_bytes = 0
         self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
 
     def predicted_wait(self) -> float:
         """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
-        with self._lock:
-            return self._predicted_wait()
-
-    def _predicted_wait(self) -> float:
         if self._working < self.limit:
             return 0.0
         return (len(self._waiting) + 1) * (self._slot_seconds or 0.0) / self.limit
@@ -729,123 +719,275 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def enter(self, arrived: float) -> float | None:
-        """Wait until this request (arrived at perf_counter() time `arrived`) may work. The perf_counter() time
-        its slot was granted, or None: shed it. A slot is never granted past the request's budget."""
+    async def enter(self, arrived: float, size: int = 0) -> float | None:
+        """Wait until this request (arrived at perf_counter() time `arrived`, its body `size` bytes) may work. The
+        perf_counter() time its slot was granted, or None: shed it. A slot is never granted past the budget."""
         deadline = arrived + self.budget
-        with self._lock:
-            now = time.perf_counter()
-            if self._working < self.limit:
-                self._working += 1
-                return now
-            if now + self._predicted_wait() > deadline:
-                return None
-            if self._wait_threads is not None and self._working + len(self._waiting) >= self._wait_threads:
-                return None
-            turn = _Turn(deadline)
-            self._waiting.append(turn)
-        turn.event.wait(max(0.0, deadline - time.perf_counter()))
-        with self._lock:
-            if turn.granted is None and turn in self._waiting:
+        now = time.perf_counter()
+        if self._working < self.limit:
+            self._working += 1
+            return now
+        if now + self.predicted_wait() > deadline:
+            return None
+        if self.max_waiting_bytes and self._waiting_bytes + size > self.max_waiting_bytes:
+            return None
+        loop = asyncio.get_running_loop()
+        turn = _Turn(deadline, loop.create_future())
+        self._waiting.append(turn)
+        self._waiting_bytes += size
+        if self.gauge is not None:
+            self.gauge.inc()
+        expiry = loop.call_later(max(0.0, deadline - now), self._expire, turn)
+        try:
+            return await turn.future
+        except asyncio.CancelledError:  # the request was dropped while it waited: a slot it got goes on
+            if turn in self._waiting:
                 self._waiting.remove(turn)
-            return turn.granted
+            elif turn.future.done() and not turn.future.cancelled() and turn.future.result() is not None:
+                self.leave()
+            raise
+        finally:
+            expiry.cancel()
+            self._waiting_bytes -= size
+            if self.gauge is not None:
+                self.gauge.dec()
 
-    def leave(self, held: float) -> None:
-        """The request that held a slot for `held` seconds is done: the slot goes to the oldest waiter whose
+    def _expire(self, turn: _Turn) -> None:
+        if turn in self._waiting:
+            self._waiting.remove(turn)
+            turn.future.set_result(None)
+
+    def leave(self, held: float | None = None) -> None:
+        """The request that held a slot (for `held` seconds) is done: the slot goes to the oldest waiter whose
         budget is not spent yet (those past it are shed), or back to the pool."""
-        with self._lock:
+        if held is not None:
             previous = self._slot_seconds
             self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
-            now = time.perf_counter()
-            while self._waiting:
-                turn = self._waiting.popleft()
-                turn.event.set()
-                if now <= turn.deadline:
-                    turn.granted = now
-                    return
-            self._working -= 1
-
-    def hold_refusal(self, arrived: float) -> None:
-        """Delay a refusal until the request's budget is spent, if threads allow (see the class)."""
-        with self._lock:
-            if self._working + len(self._waiting) + self._held >= self._hold_threads:
-                return  # short of threads: the refusal goes out at once
-            self._held += 1
-        try:
-            time.sleep(max(0.0, arrived + self.budget - time.perf_counter()))
-        finally:
-            with self._lock:
-                self._held -= 1
+        now = time.perf_counter()
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if turn.future.done():  # cancelled with its request
+                continue
+            granted = now if now <= turn.deadline else None
+            turn.future.set_result(granted)
+            if granted is not None:
+                return
+        self._working -= 1
 
 
-def drain_body(environ, limit: int) -> bool:
-    """Read what is left of the request body, up to `limit` bytes; False if it could not all be read.
-
-    A reply sent before its body was read (a 503 at admission, a 400 on bad JSON) would leave the body on the
-    socket, and gunicorn drains at most 64 KiB of it before it reuses a keep-alive connection: past that it
-    closes the connection, and the client's next request on it gets no answer at all. So the gateway reads it,
-    and where it cannot (over the limit, or the client went away) its answer says the connection closes."""
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length.isdigit() and int(length) > limit:
-        return False
-    stream, read = environ["wsgi.input"], 0
-    try:
-        while chunk := stream.read(1 << 16):
-            read += len(chunk)
-            if read > limit:
-                return False
-    except (OSError, ValueError):
-        return False
-    return True
+# Threads per process for everything but POST /predict (the page, health, readiness, metrics): they never wait
+# behind predictions.
+_OTHER_THREADS = 4
+# Shed requests whose answer waits for the end of their budget, per process; past that, refusals go out at once.
+_MAX_HELD_REFUSALS = 1024
+ACCESS_LOG = logging.getLogger("gateway.access")  # one line per request; gunicorn.conf.py sends it to the access log
+# The counters every shed request moves, looked up once.
+_SHED_ERRORS, _SHED_REQUESTS = ERRORS.labels("overloaded"), REQUESTS.labels("/predict", "503")
 
 
-class FrontDoor:
-    """The WSGI app gunicorn calls: admission for POST /predict before Flask sees the request, so that a request
-    that is shed costs the gateway as little as possible (no routing, no request context, a ready answer)."""
+class _ClientGone(Exception):
+    """The client closed the connection before its request was whole."""
 
-    def __init__(self, app, admission: Admission, settings: Settings, on_shed):
-        self.app, self.admission, self.settings, self.on_shed = app, admission, settings, on_shed
 
-    def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO") != "/predict" or environ.get("REQUEST_METHOD") != "POST":
-            return self.app(environ, start_response)
+class Front:
+    """The ASGI app that gunicorn's uvicorn workers serve: HTTP is parsed and answered in an asyncio event loop,
+    admission runs there, and the Flask app (`create_app`) runs in threads, `GATEWAY_MAX_INFLIGHT` of them for
+    POST /predict. A request's body is read in full before it waits or works, so no thread ever waits on a
+    client; a request that is shed costs the loop a fraction of a millisecond and never reaches Flask.
+
+    Shed requests (503 overloaded, with Retry-After) are answered when their budget is spent, not at once: a
+    client that asks again as soon as it is refused would otherwise loop on instant refusals, and that loop costs
+    the CPU the served requests need. Holding an answer costs a sleeping coroutine. Waiting requests keep their
+    bodies in memory, at most 2 x GATEWAY_MAX_REQUEST_BYTES of them per process; past that, a new one is shed."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+        self.settings: Settings = app.extensions["gateway"]["settings"]
+        s = self.settings
+        self.admission = Admission(s.max_inflight, s.queue_budget, 2 * s.max_request_bytes, gauge=WAITING)
+        self._predict = futures.ThreadPoolExecutor(s.max_inflight, thread_name_prefix="predict")
+        self._other = futures.ThreadPoolExecutor(_OTHER_THREADS, thread_name_prefix="http")
+        self._held_refusals = 0
+        self._shed = {"count": 0, "logged": float("-inf")}  # shed requests since the last log line about them
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # gunicorn.conf.py turns the lifespan protocol off; websockets are not served
+            return
         arrived = time.perf_counter()
-        WAITING.inc()
+        length, given = b"", ""
+        for name, value in scope["headers"]:  # the two the front needs; names come lower-case
+            if name == b"content-length":
+                length = value
+            elif name == b"x-request-id":
+                given = value.decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        predict = scope["path"] == "/predict" and scope["method"] == "POST"
         try:
-            granted = self.admission.enter(arrived)
-        finally:
-            WAITING.dec()
-        if granted is None:
-            return self.refuse(environ, start_response, arrived)
-        started = time.perf_counter()
-        environ["gateway.arrived"], environ["gateway.admitted"] = arrived, granted
-        try:
-            return self.app(environ, start_response)
-        finally:
-            self.admission.leave(time.perf_counter() - started)
+            body = await self._read_body(receive, length)
+        except _ClientGone:
+            return
+        if body is None:
+            status, answer_headers, answer = self._too_large(request_id, "/predict" if predict else "unmatched")
+        elif predict:
+            status, answer_headers, answer = await self._predict_request(scope, body, arrived, request_id)
+        else:
+            status, answer_headers, answer = await self._call_flask(self._other, scope, body, request_id, {})
+        await send({"type": "http.response.start", "status": status, "headers": answer_headers})
+        await send({"type": "http.response.body", "body": answer})
+        self._log_access(scope, status, answer_headers, len(answer), arrived)
 
-    def refuse(self, environ, start_response, arrived: float):
-        self.admission.hold_refusal(arrived)
+    async def _read_body(self, receive, length: bytes) -> list[bytes] | None:
+        """The whole body, as the pieces it came in (a refused request's are never joined), or None if it is larger
+        than GATEWAY_MAX_REQUEST_BYTES (then its answer closes the connection: the rest of the body is unread)."""
+        limit = self.settings.max_request_bytes
+        if length.isdigit() and int(length) > limit:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return chunks
+
+    async def _predict_request(self, scope, body: list[bytes], arrived: float, request_id: str):
+        granted = await self.admission.enter(arrived, sum(map(len, body)))
+        if granted is None:
+            return await self._refuse(arrived, request_id)
+        extra = {"gateway.arrived": arrived, "gateway.admitted": granted}
+        try:
+            return await self._call_flask(self._predict, scope, body, request_id, extra)
+        finally:
+            self.admission.leave(time.perf_counter() - granted)
+
+    async def _call_flask(self, pool, scope, body: list[bytes], request_id: str, extra: dict):
+        environ = _wsgi_environ(scope, b"".join(body))
+        environ.update(extra)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, _call_wsgi, self.app, environ)
+        except Exception:  # Flask answers its own errors; this is a failure around it
+            log.exception("request %s: unexpected failure outside the app", request_id)
+            return _json_answer(500, "internal_error", f"unexpected failure; request id {request_id}", request_id)
+
+    async def _refuse(self, arrived: float, request_id: str):
+        if self._held_refusals < _MAX_HELD_REFUSALS:
+            self._held_refusals += 1
+            try:
+                await asyncio.sleep(max(0.0, arrived + self.settings.queue_budget - time.perf_counter()))
+            finally:
+                self._held_refusals -= 1
         retry = max(1, math.ceil(self.admission.predicted_wait()))
         message = (
             f"the gateway is at capacity: this request could not start within {self.settings.queue_budget:g} s; "
             f"retry in {retry} s"
         )
-        body = (json.dumps({"error": {"code": "overloaded", "message": message}}) + "\n").encode()
-        given = environ.get("HTTP_X_REQUEST_ID", "")
-        headers = [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Retry-After", str(retry)),
-            ("X-Request-ID", given if _REQUEST_ID.match(given) else uuid.uuid4().hex),
-        ]
-        if not drain_body(environ, self.settings.max_request_bytes):
-            headers.append(("Connection", "close"))
-        ERRORS.labels("overloaded").inc()
-        REQUESTS.labels("/predict", "503").inc()
-        self.on_shed()
-        start_response("503 SERVICE UNAVAILABLE", headers)
-        return [body]
+        _SHED_ERRORS.inc()
+        _SHED_REQUESTS.inc()
+        self._log_shed()
+        return _json_answer(503, "overloaded", message, request_id, [(b"retry-after", str(retry).encode())])
+
+    def _too_large(self, request_id: str, endpoint: str):
+        limit = self.settings.max_request_bytes
+        message = f"the request body is larger than {limit} bytes (GATEWAY_MAX_REQUEST_BYTES)"
+        ERRORS.labels("request_too_large").inc()
+        REQUESTS.labels(endpoint, "413").inc()
+        # The rest of the body was not read: the connection cannot carry another request.
+        return _json_answer(413, "request_too_large", message, request_id, [(b"connection", b"close")])
+
+    def _log_shed(self) -> None:
+        """One line per 10 s about shed requests, not one per request: under overload that would flood the log."""
+        self._shed["count"] += 1
+        now = time.monotonic()
+        if now - self._shed["logged"] < 10:
+            return
+        count, self._shed["count"], self._shed["logged"] = self._shed["count"], 0, now
+        log.warning(
+            "overloaded: %d request(s) shed since the last line like this one: they could not start within "
+            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now)",
+            count,
+            self.settings.queue_budget,
+            self.settings.max_inflight,
+            self.admission.waiting(),
+        )
+
+    @staticmethod
+    def _log_access(scope, status: int, headers, size: int, arrived: float) -> None:
+        if not ACCESS_LOG.isEnabledFor(logging.INFO):
+            return
+        client = (scope.get("client") or ("-", 0))[0]
+        query = scope["query_string"].decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        request_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), "-")
+        milliseconds = round((time.perf_counter() - arrived) * 1000)
+        line = f'"{scope["method"]} {target} HTTP/{scope["http_version"]}" {status} {size} {milliseconds}ms'
+        ACCESS_LOG.info("%s %s rid=%s", client, line, request_id)
+
+
+def _json_answer(status: int, code: str, message: str, request_id: str, headers=()):
+    body = (json.dumps({"error": {"code": code, "message": message}}) + "\n").encode()
+    return (
+        status,
+        [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+            *headers,
+        ],
+        body,
+    )
+
+
+def _wsgi_environ(scope, body: bytes) -> dict:
+    """The WSGI environ of an ASGI HTTP request whose body has been read (PEP 3333's keys)."""
+    server = scope.get("server") or ("localhost", 80)
+    environ = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin-1"),
+        "PATH_INFO": scope["path"].encode().decode("latin-1"),
+        "QUERY_STRING": scope["query_string"].decode("latin-1"),
+        "SERVER_NAME": server[0],
+        "SERVER_PORT": str(server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+        "REMOTE_ADDR": (scope.get("client") or ("", 0))[0],
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1").upper().replace("-", "_"), raw_value.decode("latin-1")
+        if name == "CONTENT_TYPE":
+            environ[name] = value
+        elif name not in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+            key = f"HTTP_{name}"
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ
+
+
+def _call_wsgi(app, environ: dict):
+    """Call a WSGI app (in a worker thread): its status, headers (as ASGI wants them) and whole body."""
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"], answer["headers"] = int(status.split(" ", 1)[0]), headers
+
+    chunks = app(environ, start_response)
+    try:
+        body = b"".join(chunks)
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in answer["headers"]]
+    return answer["status"], headers, body
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "app"
@@ -904,9 +1046,6 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
     """The gateway as a Flask app; settings from the environment unless given."""
     settings = settings or Settings.from_env()
     client = client or ModelClient(settings)
-    admission = Admission(settings.max_inflight, settings.queue_budget, settings.threads)
-    shed = {"count": 0, "logged": float("-inf")}  # shed requests since the last log line about them
-    shed_lock = threading.Lock()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gateway"] = {"settings": settings, "client": client}
@@ -919,29 +1058,10 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
 
     @app.after_request
     def finish(response):
-        if not drain_body(request.environ, settings.max_request_bytes):
-            response.headers["Connection"] = "close"
         response.headers["X-Request-ID"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         REQUESTS.labels(endpoint, str(response.status_code)).inc()
         return response
-
-    def log_shed() -> None:
-        """One line per 10 s about shed requests, not one per request: under overload that would flood the log."""
-        with shed_lock:
-            shed["count"] += 1
-            now = time.monotonic()
-            if now - shed["logged"] < 10:
-                return
-            count, shed["count"], shed["logged"] = shed["count"], 0, now
-        log.warning(
-            "overloaded: %d request(s) shed since the last line like this one: they could not start within "
-            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now)",
-            count,
-            settings.queue_budget,
-            settings.max_inflight,
-            admission.waiting(),
-        )
 
     def error_response(error: GatewayError):
         ERRORS.labels(error.code).inc()
@@ -1002,7 +1122,7 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
             raise GatewayError(400, "invalid_request", "top_k must be a whole number from 1 to 10") from None
         if not 1 <= top_k <= len(CLASSES):
             raise GatewayError(400, "invalid_request", f"top_k must be from 1 to {len(CLASSES)}")
-        # FrontDoor admitted this request (it waited from `arrived` to `admitted`); without it, none waited.
+        # Front admitted this request (it waited from `arrived` to `admitted`); without it, none waited.
         arrived = request.environ.get("gateway.arrived", g.started)
         admitted = request.environ.get("gateway.admitted", g.started)
         STAGE_SECONDS.labels("queue").observe(admitted - arrived)
@@ -1057,9 +1177,8 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
     def openapi():
         return jsonify(_openapi())
 
-    app.wsgi_app = FrontDoor(app.wsgi_app, admission, settings, on_shed=log_shed)
     return app
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "module-app"
-app = create_app()  # what gunicorn serves: `gunicorn --config gunicorn.conf.py gateway:app`
+app = Front(create_app())  # what gunicorn serves: `gunicorn --config gunicorn.conf.py gateway:app`

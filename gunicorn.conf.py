@@ -1,36 +1,57 @@
 """gunicorn settings for the gateway: `gunicorn --config gunicorn.conf.py gateway:app`.
 
-Every knob comes from the environment so the image, compose and Kubernetes set them without
-rebuilding. The gateway mostly waits on the model tier (gRPC releases the GIL), so a few threaded
-workers serve it; the app itself admits GATEWAY_MAX_INFLIGHT requests at once per worker and sheds what
-cannot start within GATEWAY_QUEUE_BUDGET (see gateway.py).
+Every knob comes from the environment so the image, compose and Kubernetes set them without rebuilding. gunicorn
+runs the processes (workers, restarts, graceful stops); each worker is uvicorn (GatewayWorker below): HTTP parsed
+by httptools in an asyncio event loop, where gateway.Front admits or sheds each request before any thread sees it,
+and GATEWAY_MAX_INFLIGHT threads run the Flask app (see gateway.py).
 """
 
+import logging
 import os
 import shutil
 import tempfile
 
+from uvicorn_worker import UvicornWorker
+
 from contract import GATEWAY_PORT
+
+
+class GatewayWorker(UvicornWorker):
+    """uvicorn under gunicorn, with gateway.Front's own access log (the request id and the time taken) instead of
+    uvicorn's, no lifespan protocol (the app needs no start-up or shutdown events), and the client's address as the
+    connection gives it (no X-Forwarded-For rewriting, as gunicorn's own workers did)."""
+
+    CONFIG_KWARGS = {
+        "loop": "auto",
+        "http": "httptools",
+        "access_log": False,
+        "lifespan": "off",
+        "proxy_headers": False,
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        access = logging.getLogger("gateway.access")
+        access.handlers = self.log.access_log.handlers
+        access.setLevel(self.log.access_log.level)
+        access.propagate = False
+
 
 bind = os.environ.get("GATEWAY_BIND", f"0.0.0.0:{GATEWAY_PORT}")
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
-worker_class = "gthread"
-# Threads only wait for the most part: a request waiting for an admission slot (gateway.py) holds one. Enough of
-# them that every request reaches the admission queue, where its wait counts against GATEWAY_QUEUE_BUDGET; a
-# request left in gunicorn's own queue would wait unseen.
-threads = int(os.environ.get("GATEWAY_THREADS", "64"))
-# The app sizes its admission with it (Settings.threads): the value gunicorn really uses.
-os.environ["GATEWAY_THREADS"] = str(threads)
-# A worker silent this long is restarted; well above the model deadline plus a slow fetch.
+worker_class = GatewayWorker
+# A worker whose event loop is stuck this long is restarted; well above the model deadline plus a slow fetch.
 timeout = int(os.environ.get("GATEWAY_WORKER_TIMEOUT", "60"))
 # On SIGTERM, requests already accepted get this long to finish (Kubernetes' grace period is longer).
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "25"))
 keepalive = 5
-# Fresh workers now and then keep memory from creeping; jitter avoids restarting all at once.
-max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "20000"))
+# 0: workers are not restarted after a number of requests. A restart closes the worker's keep-alive connections, and
+# a request already on its way over one gets no answer; under overload, when shed requests count too, restarts come
+# every minute or so. Set it if memory creeps (the load tests bound the workers' memory over 1,000 uploads).
+max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "0"))
 max_requests_jitter = max_requests // 10
-accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+# "-": one line per request on stdout (gateway.Front writes it: client, request line, status, bytes, time, request id).
+accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 # gunicorn's control socket (for `gunicornc`) goes under $HOME, which is not writable in the containers.
@@ -44,8 +65,6 @@ _metrics_dir = []  # the directory on_starting made, removed again on exit
 
 def on_starting(server):
     """In the master, before any worker starts: metrics shared by all workers, and the gateway's logging."""
-    import logging
-
     # One /metrics for all workers: prometheus_client's multiprocess mode keeps each worker's values in files
     # here. Set before the workers import the app; a fresh directory, so no stale values from a past run.
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -52,7 +52,9 @@ from servers import running_model_server
 DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
 BIG = (4000, 3000)  # a 12-megapixel camera photo; portrait photos become 3000x4000
 BIG_QUALITY = 90
-WORKERS, THREADS = 1, 8  # the same gunicorn settings for both gateways
+WORKERS = 1  # the same gunicorn settings for both gateways
+# The course's gateway is a WSGI app: gunicorn serves it with threads (ours is ASGI, on gunicorn.conf.py's worker).
+COURSE_WORKER = ("--worker-class", "gthread", "--threads", "8")
 STAGES = ("fetch", "preprocess", "predict", "total")  # the gateway's gateway_stage_seconds labels
 WARMUP = 5  # requests before measuring: first Predict traces the model, first fetch warms caches
 
@@ -298,9 +300,7 @@ def run(options: dict, skip_install_size: bool) -> dict:
             gateways = {}
             for name, env in (("ours", {}), ("ours_no_draft", {"GATEWAY_JPEG_DRAFT": "0"})):
                 gw = stack.enter_context(
-                    running_gateway(
-                        server.grpc_target, work, workers=WORKERS, threads=THREADS, FETCH_ALLOW_HOSTS="127.0.0.1", **env
-                    )
+                    running_gateway(server.grpc_target, work, workers=WORKERS, FETCH_ALLOW_HOSTS="127.0.0.1", **env)
                 )
                 gateways[name] = Gateway(gw.url, gw.process, has_metrics=True)
             # The course's approach, under the same gunicorn settings; its worker imports all of TensorFlow.
@@ -309,7 +309,7 @@ def run(options: dict, skip_install_size: bool) -> dict:
                     server.grpc_target,
                     work,
                     workers=WORKERS,
-                    threads=THREADS,
+                    gunicorn_args=COURSE_WORKER,
                     startup_timeout=120,
                     app="course_gateway:app",
                     pythonpath="bench",
@@ -459,7 +459,8 @@ def report(m: dict, options: dict, results: dict, targets: list[dict]) -> str:
         f"{results['photo_count']} from the dataset's test split (every class), served by a local threaded HTTP "
         "server; "
         f"{results['big_count']} of them scaled up (bicubic) to 4000x3000 or 3000x4000 and saved as JPEG q90. "
-        f"Both gateways run under gunicorn with gunicorn.conf.py, {WORKERS} gthread worker, {THREADS} threads; "
+        f"Both gateways run under gunicorn with gunicorn.conf.py, {WORKERS} worker: ours its uvicorn worker, the "
+        f"course's Flask app (WSGI) `{' '.join(COURSE_WORKER)}`; "
         "requests go one at a time after "
         f"{WARMUP} warm-up requests. \"Added\" is the gateway's p50 minus direct Predict's p50 on the same images. "
         "CPU is the gunicorn worker's user+system time (psutil) over the measured requests. "

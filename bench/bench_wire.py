@@ -101,7 +101,7 @@ def report(results: dict) -> str:
         "",
         f"Run: `{results['mode']}` on {m['date']}, {results['duration_s']:.0f} s. Model: {results['model']}. "
         f"One model server and two gateways on `make serve` defaults ({results['defaults']['workers']} workers, "
-        f"{results['defaults']['threads']} threads), one per path; {CLIENTS} closed-loop clients uploading "
+        f"{results['defaults']['max_inflight']} slots each), one per path; {CLIENTS} closed-loop clients uploading "
         f"{results['photos']} photos, {results['rounds']} rounds of {results['seconds']} s per path, alternating. "
         "Everything shares the same 2 cores, the load generator too.",
         "",

@@ -33,22 +33,22 @@ def running_gateway(
     log_dir: Path,
     *,
     workers: int = 1,
-    threads: int = 8,
     startup_timeout: float = 90,
     app: str = "gateway:app",
     pythonpath: str | None = None,
+    gunicorn_args: tuple[str, ...] = (),
     **env: str,
 ):
     """gunicorn --config gunicorn.conf.py `app` on a free port; yields once /healthz answers.
 
-    `app` and `pythonpath` serve another WSGI app with the same settings (the benchmark's course gateway)."""
+    `app`, `pythonpath` and `gunicorn_args` serve another app with the same settings otherwise (the benchmark's
+    course gateway, a WSGI app: `gunicorn_args=("--worker-class", "gthread", "--threads", "8")`)."""
     port = free_port()
     environment = {
         **os.environ,
         "TF_SERVING_HOST": tf_serving_host,
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "GATEWAY_WORKERS": str(workers),
-        "GATEWAY_THREADS": str(threads),
         "GATEWAY_ACCESS_LOG": "-",
         **env,
     }
@@ -58,6 +58,7 @@ def running_gateway(
             [
                 *(sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"),
                 *(("--pythonpath", pythonpath) if pythonpath else ()),
+                *gunicorn_args,
                 app,
             ],
             cwd=ROOT,

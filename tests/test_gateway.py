@@ -317,28 +317,6 @@ def test_unexpected_failures_are_json_500_without_traceback(client, fake):
     assert "secret" not in response.get_data(as_text=True) and "Traceback" not in response.get_data(as_text=True)
 
 
-def test_overload_is_shed_with_503_at_once(fake):
-    app = gateway.create_app(gateway.Settings(max_inflight=1, queue_budget=0.05), client=fake)
-    body = {"image": base64.b64encode(RED).decode()}
-    fake.release.clear()
-    first = threading.Thread(target=lambda: app.test_client().post("/predict", json=body))
-    first.start()
-    try:
-        while not fake.batches and first.is_alive() and not _inflight():
-            threading.Event().wait(0.01)
-        shed = app.test_client().post("/predict", json=body)
-        assert shed.status_code == 503 and shed.get_json()["error"]["code"] == "overloaded"
-        assert shed.headers["Retry-After"] == "1"
-    finally:
-        fake.release.set()
-        first.join()
-    assert app.test_client().post("/predict", json=body).status_code == 200
-
-
-def _inflight():
-    return gateway.INFLIGHT._value.get() > 0
-
-
 def test_metrics_and_openapi(client):
     client.post("/predict", json={"image": base64.b64encode(RED).decode()})
     client.post("/predict", json={})
@@ -422,95 +400,12 @@ def test_a_batch_of_urls_is_fetched_in_parallel_within_one_deadline(fake):
         server.shutdown()
 
 
-def _enter_in_thread(admission, arrived=None):
-    """admission.enter() in a thread: (thread, results list); waits until it is in line."""
-    results = []
-    waiting = admission.waiting()
-
-    def enter():
-        results.append(admission.enter(arrived or time.perf_counter()) is not None)
-
-    thread = threading.Thread(target=enter)
-    thread.start()
-    while admission.waiting() == waiting and thread.is_alive():
-        threading.Event().wait(0.002)
-    return thread, results
-
-
-def test_admission_hands_slots_to_the_waiters_in_arrival_order():
-    admission = gateway.Admission(limit=1, budget=5.0)
-    assert admission.enter(time.perf_counter()) is not None  # working
-    first, first_result = _enter_in_thread(admission)
-    second, second_result = _enter_in_thread(admission)
-    assert admission.waiting() == 2
-    admission.leave(0.01)
-    first.join(2)
-    assert first_result == [True] and not second_result  # the oldest waiter, and only it
-    admission.leave(0.01)
-    second.join(2)
-    assert second_result == [True] and admission.waiting() == 0
-
-
-def test_admission_sheds_a_waiter_whose_budget_runs_out():
-    admission = gateway.Admission(limit=1, budget=0.2)
-    assert admission.enter(time.perf_counter()) is not None
-    started = time.monotonic()
-    waiter, result = _enter_in_thread(admission)
-    waiter.join(5)
-    assert result == [False] and 0.15 <= time.monotonic() - started < 2
-    assert admission.waiting() == 0
-    admission.leave(0.01)
-    assert admission.enter(time.perf_counter()) is not None  # the slot came back
-
-
-def test_admission_refuses_at_once_what_could_not_start_in_time():
-    admission = gateway.Admission(limit=1, budget=0.5)
-    assert admission.enter(time.perf_counter()) is not None
-    admission.leave(2.0)  # requests have been holding a slot for 2 s
-    assert admission.enter(time.perf_counter()) is not None
-    started = time.monotonic()
-    assert admission.enter(time.perf_counter()) is None  # 2 s ahead of it, 0.5 s of budget: refused without waiting
-    assert time.monotonic() - started < 0.1
-    assert admission.predicted_wait() == pytest.approx(2.0)
-    # The budget counts from arrival: a request that already spent it before asking is refused too.
-    fast = gateway.Admission(limit=1, budget=0.5)
-    assert fast.enter(time.perf_counter()) is not None
-    assert fast.enter(time.perf_counter() - 0.6) is None
-
-
-def test_admission_never_grants_a_slot_past_the_budget():
-    """A waiter whose budget ran out while the slot was busy is shed, and the slot goes to the next in line."""
-    admission = gateway.Admission(limit=1, budget=10.0)
-    assert admission.enter(time.perf_counter()) is not None
-    late, late_result = _enter_in_thread(admission, arrived=time.perf_counter() - 9.8)  # 0.2 s of budget left
-    fresh, fresh_result = _enter_in_thread(admission)
-    time.sleep(0.4)
-    late.join(2)
-    assert late_result == [False]
-    admission.leave(0.01)
-    fresh.join(2)
-    assert fresh_result == [True] and admission.waiting() == 0
-
-
-def test_admission_keeps_a_quarter_of_the_threads_free():
-    """Waiting requests hold gunicorn threads: past three quarters of them, one more would queue unseen."""
-    admission = gateway.Admission(limit=1, budget=10.0, threads=4)
-    assert admission.enter(time.perf_counter()) is not None
-    waiter, result = _enter_in_thread(admission)  # working 1 + waiting 1
-    second, second_result = _enter_in_thread(admission)  # + waiting 2: three of the four threads
-    started = time.monotonic()
-    assert admission.enter(time.perf_counter()) is None  # a fourth would leave no thread free
-    assert time.monotonic() - started < 0.1
-    for _ in range(3):
-        admission.leave(0.01)
-    waiter.join(2), second.join(2)
-    assert result == [True] and second_result == [True]
-
-
 def test_replaced_settings_are_refused_with_what_to_set_instead():
     for name in ("GATEWAY_MAX_WAITING", "GATEWAY_QUEUE_TIMEOUT"):
         with pytest.raises(ValueError, match="GATEWAY_QUEUE_BUDGET"):
             gateway.Settings.from_env({name: "1"})
+    with pytest.raises(ValueError, match="GATEWAY_THREADS.*GATEWAY_MAX_INFLIGHT"):
+        gateway.Settings.from_env({"GATEWAY_THREADS": "64"})
 
 
 def test_a_model_tier_found_down_fails_fast_until_the_reconnect_window_passes():

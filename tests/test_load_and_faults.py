@@ -4,7 +4,7 @@
 - the model server killed mid-load: fast 503/504 answers, then success again once it is back, with the
   same gateway processes;
 - a model server that answers slowly: the gateway's deadline holds (504);
-- overload: far more requests than workers x threads are shed with 503 instead of queueing;
+- overload: far more requests than the workers have slots for are shed with 503 instead of queueing;
 - SIGTERM to the gateway, then to the model server, under load: every request already accepted completes;
 - fuzzing the API the gateway publishes at /openapi.json, then broken JSON and images: never a 5xx,
   never a dead worker.
@@ -240,14 +240,13 @@ def model_server(model_base):
 
 @pytest.fixture(scope="module")
 def served(model_server, tmp_path_factory):
-    """Two workers of eight threads, no shedding below 16 requests at once (as the load test needs)."""
+    """Two workers of eight slots each, no shedding below 16 requests at once (as the load test needs)."""
     with contextlib.ExitStack() as stack:
         yield start_gateway(
             stack,
             model_server.grpc_target,
             tmp_path_factory.mktemp("gateway"),
             workers=2,
-            threads=8,
             GATEWAY_MAX_INFLIGHT="8",
             GATEWAY_QUEUE_BUDGET="30",
             FETCH_ALLOW_HOSTS="127.0.0.1",
@@ -366,7 +365,6 @@ def test_overload_is_shed_with_503_instead_of_queueing(photos, tmp_path):
             model.target,
             tmp_path,
             workers=1,
-            threads=4,
             GATEWAY_MAX_INFLIGHT=str(slots),
             GATEWAY_QUEUE_BUDGET="0.2",
             **TENSOR_NAMES,
@@ -389,8 +387,9 @@ def test_overload_is_shed_with_503_instead_of_queueing(photos, tmp_path):
 @pytest.mark.timeout(120)
 def test_an_overload_burst_answers_every_request_with_200_or_a_json_503(tmp_path):
     """Keep-alive clients uploading photos over 64 KiB to a gateway that sheds most of them. A 503 sent before the
-    body is read used to leave the body on the socket; gunicorn drains 64 KiB of it at most and then closes the
-    connection, so the client's next request on it got no answer. Every request must get an HTTP answer."""
+    body was read once left the body on the socket (gunicorn's threaded workers drained 64 KiB of it at most, then
+    closed the connection), so the client's next request on it got no answer. Every request must get an HTTP
+    answer."""
     large = [photos_module.jpeg(seed, size=(1600, 1200)) for seed in range(4)]
     assert min(len(p) for p in large) > 64 * 1024
     clients, total = 16, 400
@@ -416,7 +415,7 @@ def test_an_overload_burst_answers_every_request_with_200_or_a_json_503(tmp_path
 
     with FakeModelServer(delay=0.05) as model, contextlib.ExitStack() as stack:
         gw = start_gateway(
-            stack, model.target, tmp_path, workers=1, threads=32, GATEWAY_MAX_INFLIGHT="1",
+            stack, model.target, tmp_path, workers=1, GATEWAY_MAX_INFLIGHT="1",
             GATEWAY_QUEUE_BUDGET="0.05", **TENSOR_NAMES,
         )  # fmt: skip
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -441,8 +440,7 @@ def test_sigterm_to_the_gateway_under_load_completes_every_accepted_request(phot
             stack,
             model.target,
             tmp_path,
-            workers=2,
-            threads=8,  # keep-alive connections stay with one worker: either may get all six
+            workers=2,  # keep-alive connections stay with one worker: either may get all six
             GATEWAY_MAX_INFLIGHT="8",
             GATEWAY_QUEUE_BUDGET="10",
             **TENSOR_NAMES,
@@ -813,7 +811,7 @@ def test_a_gunicorn_worker_survives_the_nastiest_requests(photos, tmp_path):
 
     with FakeModelServer() as model, contextlib.ExitStack() as stack:
         gw = start_gateway(
-            stack, model.target, tmp_path, workers=1, threads=4, GATEWAY_MAX_REQUEST_BYTES=str(2 * MIB), **TENSOR_NAMES
+            stack, model.target, tmp_path, workers=1, GATEWAY_MAX_REQUEST_BYTES=str(2 * MIB), **TENSOR_NAMES
         )
         pids = worker_pids(gw)
         answers = {}

@@ -1,0 +1,288 @@
+"""The gateway's front (gateway.Admission and gateway.Front, the ASGI app gunicorn serves): admission by queueing
+delay in the event loop, shed requests, bodies, the access log, and Flask in threads, driven in-process through
+the ASGI interface with a stand-in model client. Under a real gunicorn: test_load_and_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from test_gateway import RED, FakeModel
+
+import gateway
+
+BODY = json.dumps({"image": base64.b64encode(RED).decode()}).encode()
+
+
+async def call(app, method: str = "POST", path: str = "/predict", body: bytes = BODY, headers=(), chunk=None):
+    """One HTTP request through an ASGI app, as uvicorn makes it: (status, headers, body, seconds)."""
+    chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk and body else [body]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gateway"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 9696),
+    }
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # a client that never disconnects
+
+    async def send(message):
+        sent.append(message)
+
+    started = time.perf_counter()
+    await app(scope, receive, send)
+    start, whole = sent
+    answer_headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return SimpleNamespace(
+        status=start["status"], headers=answer_headers, body=whole["body"], seconds=time.perf_counter() - started
+    )
+
+
+def front(fake, **settings) -> gateway.Front:
+    return gateway.Front(gateway.create_app(gateway.Settings(**settings), client=fake))
+
+
+@pytest.fixture
+def fake():
+    return FakeModel()
+
+
+# ---- admission ------------------------------------------------------------------------------------
+
+
+def test_admission_hands_slots_to_the_waiters_in_arrival_order():
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=5.0)
+        assert await admission.enter(time.perf_counter()) is not None  # working
+        first = asyncio.create_task(admission.enter(time.perf_counter()))
+        second = asyncio.create_task(admission.enter(time.perf_counter()))
+        await asyncio.sleep(0.01)
+        assert admission.waiting() == 2
+        admission.leave(0.01)
+        await asyncio.sleep(0.01)
+        assert first.done() and first.result() is not None and not second.done()  # the oldest, and only it
+        admission.leave(0.01)
+        assert await second is not None and admission.waiting() == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_sheds_a_waiter_whose_budget_runs_out():
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=0.2)
+        assert await admission.enter(time.perf_counter()) is not None
+        started = time.monotonic()
+        assert await admission.enter(time.perf_counter()) is None
+        assert 0.15 <= time.monotonic() - started < 2 and admission.waiting() == 0
+        admission.leave(0.01)
+        assert await admission.enter(time.perf_counter()) is not None  # the slot came back
+
+    asyncio.run(scenario())
+
+
+def test_admission_refuses_at_once_what_could_not_start_in_time():
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=0.5)
+        assert await admission.enter(time.perf_counter()) is not None
+        admission.leave(2.0)  # requests have been holding a slot for 2 s
+        assert await admission.enter(time.perf_counter()) is not None
+        started = time.monotonic()
+        assert await admission.enter(time.perf_counter()) is None  # 2 s ahead of it, 0.5 s of budget: refused
+        assert time.monotonic() - started < 0.1
+        assert admission.predicted_wait() == pytest.approx(2.0)
+        # The budget counts from arrival: a request that already spent it before asking is refused too.
+        fast = gateway.Admission(limit=1, budget=0.5)
+        assert await fast.enter(time.perf_counter()) is not None
+        assert await fast.enter(time.perf_counter() - 0.6) is None
+
+    asyncio.run(scenario())
+
+
+def test_admission_never_grants_a_slot_past_the_budget():
+    """A waiter whose budget ran out while the slot was busy is shed, and the slot goes to the next in line."""
+
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=10.0)
+        assert await admission.enter(time.perf_counter()) is not None
+        late = asyncio.create_task(admission.enter(time.perf_counter() - 9.8))  # 0.2 s of budget left
+        fresh = asyncio.create_task(admission.enter(time.perf_counter()))
+        await asyncio.sleep(0.4)
+        assert late.done() and late.result() is None
+        admission.leave(0.01)
+        assert await fresh is not None and admission.waiting() == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_bounds_the_memory_its_waiters_hold_and_counts_them():
+    class Gauge:
+        value = 0
+
+        def inc(self):
+            self.value += 1
+
+        def dec(self):
+            self.value -= 1
+
+    async def scenario():
+        gauge = Gauge()
+        admission = gateway.Admission(limit=1, budget=5.0, max_waiting_bytes=100, gauge=gauge)
+        assert await admission.enter(time.perf_counter(), 1000) is not None  # working: its body is not counted
+        waiter = asyncio.create_task(admission.enter(time.perf_counter(), 60))
+        await asyncio.sleep(0.01)
+        assert gauge.value == 1
+        assert await admission.enter(time.perf_counter(), 60) is None  # 120 bytes would wait: shed at once
+        assert await asyncio.wait_for(admission.enter(time.perf_counter() - 4.99, 40), 1) is None  # fits; expires
+        admission.leave(0.01)
+        assert await waiter is not None and gauge.value == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_dropped_while_it_waits_gives_its_place_back():
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=10.0)
+        assert await admission.enter(time.perf_counter()) is not None
+        dropped = asyncio.create_task(admission.enter(time.perf_counter()))
+        await asyncio.sleep(0.01)
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        assert admission.waiting() == 0
+        admission.leave(0.01)
+        assert await admission.enter(time.perf_counter()) is not None  # the slot is free, not lost
+
+    asyncio.run(scenario())
+
+
+# ---- the front ------------------------------------------------------------------------------------
+
+
+def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fake):
+    app = front(fake, max_inflight=1, queue_budget=0.2)
+    fake.release.clear()
+
+    async def scenario():
+        first = asyncio.create_task(call(app))
+        await asyncio.sleep(0.05)
+        shed = await call(app, headers=[(b"x-request-id", b"shed-1")])
+        fake.release.set()
+        return await first, shed, await call(app)
+
+    first, shed, after = asyncio.run(scenario())
+    assert first.status == 200 and after.status == 200
+    assert shed.status == 503 and json.loads(shed.body)["error"]["code"] == "overloaded"
+    assert shed.headers["retry-after"] == "1" and shed.headers["x-request-id"] == "shed-1"
+    # Answered when its budget was spent, not at once: an eager client cannot loop on instant refusals.
+    assert 0.1 <= shed.seconds < 1.0
+
+
+def test_waiting_requests_hold_no_thread(fake):
+    app = front(fake, max_inflight=1, queue_budget=10.0)
+    fake.release.clear()
+
+    async def scenario():
+        tasks = [asyncio.create_task(call(app)) for _ in range(30)]
+        await asyncio.sleep(0.2)
+        waiting, threads = app.admission.waiting(), threading.active_count()
+        fake.release.set()
+        return waiting, threads, await asyncio.gather(*tasks)
+
+    before = threading.active_count()
+    waiting, threads, answers = asyncio.run(scenario())
+    assert waiting == 29 and [a.status for a in answers] == [200] * 30
+    assert threads - before <= 1, "one predict thread works; the 29 waiting requests hold none"
+
+
+def test_health_and_metrics_never_wait_behind_predictions(fake):
+    app = front(fake, max_inflight=1, queue_budget=10.0)
+    fake.release.clear()
+
+    async def scenario():
+        busy = [asyncio.create_task(call(app)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        health = await call(app, "GET", "/healthz", b"")
+        metrics = await call(app, "GET", "/metrics", b"")
+        fake.release.set()
+        await asyncio.gather(*busy)
+        return health, metrics
+
+    health, metrics = asyncio.run(scenario())
+    assert health.status == 200 and health.seconds < 1.0
+    assert metrics.status == 200 and b"gateway_waiting_requests" in metrics.body
+
+
+def test_a_body_over_the_limit_is_refused_and_the_connection_closes(fake):
+    app = front(fake, max_request_bytes=1000)
+
+    async def scenario():
+        declared = await call(app, body=b"x" * 2000, headers=[(b"content-length", b"2000")])
+        chunked = await call(app, body=b"x" * 2000, chunk=300)  # no Content-Length: counted as it comes
+        return declared, chunked
+
+    for answer in asyncio.run(scenario()):
+        assert answer.status == 413 and json.loads(answer.body)["error"]["code"] == "request_too_large"
+        assert answer.headers["connection"] == "close" and len(answer.headers["x-request-id"]) == 32
+    assert not fake.batches
+
+
+def test_a_body_in_chunks_reaches_flask_whole(fake):
+    answer = asyncio.run(call(front(fake), body=BODY, chunk=7))
+    assert answer.status == 200 and json.loads(answer.body)["pants"] == 5.0
+
+
+def test_the_answers_carry_the_request_id_and_flask_errors_pass_through(fake):
+    app = front(fake)
+
+    async def scenario():
+        kept = await call(app, headers=[(b"x-request-id", b"abc-123")])
+        bad = await call(app, body=b"{not json")
+        missing = await call(app, "GET", "/nowhere", b"")
+        return kept, bad, missing
+
+    kept, bad, missing = asyncio.run(scenario())
+    assert kept.status == 200 and kept.headers["x-request-id"] == "abc-123"
+    assert bad.status == 400 and json.loads(bad.body)["error"]["code"] == "invalid_request"
+    assert missing.status == 404 and json.loads(missing.body)["error"]["code"] == "not_found"
+
+
+def test_one_access_log_line_per_request_with_status_time_and_request_id(fake, caplog):
+    app = front(fake, max_inflight=1, queue_budget=0.05)
+    fake.release.clear()
+
+    async def scenario():
+        first = asyncio.create_task(call(app, headers=[(b"x-request-id", b"a" * 32)]))
+        await asyncio.sleep(0.05)
+        await call(app, headers=[(b"x-request-id", b"b" * 32)])  # shed
+        fake.release.set()
+        await first
+
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    # The shape tests/engine.py reads in the containers' logs (the request line, status, then the request id).
+    found = {
+        rid: status
+        for status, rid in re.findall(r'"POST /predict[^"]*" (\d{3}) .* rid=([0-9a-f]{32})', "\n".join(lines))
+    }
+    assert found == {"b" * 32: "503", "a" * 32: "200"}
+    assert all(re.match(r'127\.0\.0\.1 "POST /predict HTTP/1\.1" \d{3} \d+ \d+ms rid=', line) for line in lines)
