@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -127,8 +128,9 @@ def measure_latency(paths: dict, stubs: dict, calls: int, block: int = 25) -> di
         call(*args, **kwargs)
         into.append(time.perf_counter() - started)
 
-    block = min(block, calls)
-    for _ in range(max(calls // block, 1)):
+    blocks = math.ceil(calls / block)
+    block = math.ceil(calls / blocks)  # `calls` in all, in blocks as even as they come
+    for _ in range(blocks):
         for path, (public, direct, request, value) in paths.items():
             for name, stub in stubs.items():
                 for _ in range(block):
@@ -392,8 +394,10 @@ def added_ms(r: dict, wire: str) -> float:
 
 def parts_of_added(r: dict, wire: str) -> dict:
     """What gRPC adds, part by part (ms, p50): the model call (model_server.py's direct call against the public
-    one), grpcio itself (the bare sync server beyond its hold), and the servicer's own work, the rest. The lowest
-    any servicer could reach is the first two together: grpcio's floor plus the model call."""
+    one), grpcio itself (the bare sync server beyond its hold), and the rest: the servicer's own work (parsing,
+    checks, tensors, the answer) and what a real model costs in a server process that the bare one's busy hold does
+    not (TensorFlow's threads waking up after the idle between calls). The lowest any servicer could reach is the
+    first two together: grpcio's floor plus the model call."""
     latency, hold = r["latency"][wire], r["bare_hold_ms"]
     model_call = latency["direct"]["p50"] - latency["public"]["p50"]
     grpcio = latency["bare_sync"]["p50"] - hold
@@ -402,7 +406,9 @@ def parts_of_added(r: dict, wire: str) -> dict:
         "the model call: direct instead of public": model_call,
         "grpcio, sync server (the bare one beyond its hold)": grpcio,
         "grpcio, asyncio server (the bare one beyond its hold)": latency["bare_asyncio"]["p50"] - hold,
-        "model_server.py's own work (the rest)": added_ms(r, wire) - model_call - grpcio,
+        "the rest: model_server.py's own work, and its threads and TensorFlow's waking after an idle": added_ms(r, wire)
+        - model_call
+        - grpcio,
         "**the lowest a sync Python server can add: grpcio + the model call**": grpcio + model_call,
     }
 
@@ -483,32 +489,13 @@ def markdown(report: dict) -> str:
             throughput_rows.append(
                 [r["model"], f"in-process, {label}", rate(run), "", f"{run['cpu_ms_per_item']:.1f}", "", "", ""]
             )
-        for plain, batched in zip(r["without_batching"], r["with_batching"], strict=True):
-            throughput_rows.append(
-                [
-                    r["model"],
-                    f"{plain['clients']} clients, float32",
-                    rate(plain),
-                    f"{plain['p50_ms']:.1f}",
-                    f"{plain['cpu_ms_per_item']:.1f}",
-                    rate(batched),
-                    f"{batched['p50_ms']:.1f}",
-                    f"{batched['cpu_ms_per_item']:.1f}",
-                ]
-            )
-        plain, batched = r["at_8_clients"]["uint8"]["plain"], r["at_8_clients"]["uint8"]["batched"]
-        throughput_rows.append(
-            [
-                r["model"],
-                "8 clients, uint8",
-                rate(plain),
-                f"{plain['p50_ms']:.1f}",
-                f"{plain['cpu_ms_per_item']:.1f}",
-                rate(batched),
-                f"{batched['p50_ms']:.1f}",
-                f"{batched['cpu_ms_per_item']:.1f}",
-            ]
-        )
+        by_clients = zip(r["without_batching"], r["with_batching"], strict=True)
+        pairs = [(f"{plain['clients']} clients, float32", plain, batched) for plain, batched in by_clients]
+        uint8 = r["at_8_clients"]["uint8"]
+        pairs.append(("8 clients, uint8", uint8["plain"], uint8["batched"]))
+        for label, plain, batched in pairs:
+            cells = [f"{run[key]:.1f}" for run in (plain, batched) for key in ("p50_ms", "cpu_ms_per_item")]
+            throughput_rows.append([r["model"], label, rate(plain), *cells[:2], rate(batched), *cells[2:]])
     ceiling_rows = []
     for r in results:
         for wire, batch8 in (("float32", "in_process_batch8"), ("uint8", "in_process_batch8_uint8")):
