@@ -401,14 +401,13 @@ def parts_of_added(r: dict, wire: str) -> dict:
     latency, hold = r["latency"][wire], r["bare_hold_ms"]
     model_call = latency["direct"]["p50"] - latency["public"]["p50"]
     grpcio = latency["bare_sync"]["p50"] - hold
+    rest = added_ms(r, wire) - model_call - grpcio
     return {
         "gRPC adds": added_ms(r, wire),
         "the model call: direct instead of public": model_call,
         "grpcio, sync server (the bare one beyond its hold)": grpcio,
         "grpcio, asyncio server (the bare one beyond its hold)": latency["bare_asyncio"]["p50"] - hold,
-        "the rest: model_server.py's own work, and its threads and TensorFlow's waking after an idle": added_ms(r, wire)
-        - model_call
-        - grpcio,
+        "the rest: model_server.py's own work, its threads and TensorFlow's waking after an idle": rest,
         "**the lowest a sync Python server can add: grpcio + the model call**": grpcio + model_call,
     }
 
