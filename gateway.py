@@ -868,6 +868,7 @@ class Front:
     async def _call_flask(self, pool, scope, body: list[bytes], request_id: str, extra: dict):
         environ = _wsgi_environ(scope, b"".join(body))
         environ.update(extra)
+        environ["HTTP_X_REQUEST_ID"] = request_id  # one id per request: Flask keeps the one the front chose
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, _call_wsgi, self.app, environ)
         except Exception:  # Flask answers its own errors; this is a failure around it

@@ -194,9 +194,9 @@ def runtime_dependencies(section: str, entry: str, files: set[str]) -> tuple[set
         path = todo.pop()
         needed.add(path)
         todo.extend(local for local in repo_files_imported(ROOT / path) if local not in needed)
-    third_party = set()
+    third_party, known = set(), local_names() | set(sys.stdlib_module_names) | {"__future__"}
     for path in needed & files:
-        third_party |= imports_of(ROOT / path) - local_names() - set(sys.stdlib_module_names) - {"__future__"}
+        third_party |= imports_of(ROOT / path) - known
     return needed, third_party
 
 
