@@ -177,7 +177,8 @@ def test_a_waiter_dropped_while_it_waits_gives_its_place_back():
 # ---- the front ------------------------------------------------------------------------------------
 
 
-def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fake):
+def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fake, monkeypatch):
+    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 0.0)  # past the rate of refusals sent at once
     app = front(fake, max_inflight=1, queue_budget=0.2)
     fake.release.clear()
 
@@ -194,6 +195,28 @@ def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fa
     assert shed.headers["retry-after"] == "1" and shed.headers["x-request-id"] == "shed-1"
     # Answered when its budget was spent, not at once: an eager client cannot loop on instant refusals.
     assert 0.1 <= shed.seconds < 1.0
+
+
+def test_refusals_go_out_at_once_up_to_a_rate_and_past_it_when_their_budget_is_spent(fake, monkeypatch):
+    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 3.0)
+    monkeypatch.setattr(gateway, "_FAST_REFUSALS_PER_SECOND", 0.5)  # no token comes back within the test
+    app = front(fake, max_inflight=1, queue_budget=0.3)
+    fake.release.clear()
+
+    async def scenario():
+        await app.admission.enter(time.perf_counter())
+        app.admission.leave(2.0)  # requests have been holding a slot for 2 s: a new one is refused on arrival
+        first = asyncio.create_task(call(app))
+        await asyncio.sleep(0.05)
+        shed = await asyncio.gather(*[call(app) for _ in range(5)])
+        fake.release.set()
+        return await first, shed
+
+    first, shed = asyncio.run(scenario())
+    assert first.status == 200 and [answer.status for answer in shed] == [503] * 5
+    seconds = sorted(answer.seconds for answer in shed)
+    assert all(s < 0.1 for s in seconds[:3]), seconds  # the burst: at once
+    assert all(0.15 <= s < 1.0 for s in seconds[3:]), seconds  # then held to the end of their budget
 
 
 def test_waiting_requests_hold_no_thread(fake):
