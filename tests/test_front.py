@@ -193,7 +193,8 @@ def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fa
     assert first.status == 200 and after.status == 200
     assert shed.status == 503 and json.loads(shed.body)["error"]["code"] == "overloaded"
     assert shed.headers["retry-after"] == "1" and shed.headers["x-request-id"] == "shed-1"
-    # Answered when its budget was spent, not at once: an eager client cannot loop on instant refusals.
+    # Past the rate of refusals sent at once, answered when its budget was spent: an eager client cannot loop on
+    # instant refusals.
     assert 0.1 <= shed.seconds < 1.0
 
 
