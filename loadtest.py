@@ -375,8 +375,8 @@ class Connection:
 
     The load generator shares the machine with what it measures, so a request must cost it little: one event
     loop, and per request one write of bytes made once and a protocol that reads the answer as it arrives, with
-    no task, stream or HTTP library of its own (about 0.1 ms of CPU per request here, a third of what asyncio's
-    streams cost). It reconnects after a failure or when the server closes."""
+    no task, stream or HTTP library of its own (0.17-0.21 ms of CPU per request at 600/s here, about a quarter
+    less than on asyncio's streams). It reconnects after a failure or when the server closes."""
 
     def __init__(self, url: str, timeout: float, detail: bool = False, encoded: dict | None = None):
         parts = urlsplit(url)
