@@ -332,7 +332,10 @@ class _Answers(asyncio.Protocol):
             if body is None:
                 return None
         elif "content-length" in headers:
-            end = start + int(headers["content-length"])
+            length = headers["content-length"]
+            if not length.isdigit():
+                raise NoAnswer(f"an answer with a broken Content-Length: {length[:20]!r}")
+            end = start + int(length)
             if len(buffer) < end:
                 self._need = end
                 return None

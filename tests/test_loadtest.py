@@ -118,14 +118,15 @@ def test_requests_without_a_whole_answer_are_counted_apart_from_answered_errors(
         b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"pred',  # then closed, 94 bytes short
         b"SSH-2.0-OpenSSH\r\n\r\n",  # not HTTP
         answer("500 Internal Server Error", b"<html>oops</html>", "Server: elsewhere"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n{}",  # a length that is not one
     ]
-    with raw_server(lambda n: replies[n % 5]) as (url, _):
-        summary = load(url, 10, loop)
+    with raw_server(lambda n: replies[n % 6]) as (url, _):
+        summary = load(url, 12, loop)
     d = summary.as_dict()
-    assert d["sent"] == 10 and d["ok"] == 0
-    assert d["shed"] == 2 and d["no_answer"] == 6
+    assert d["sent"] == 12 and d["ok"] == 0
+    assert d["shed"] == 2 and d["no_answer"] == 8
     assert d["errors"]["503 overloaded"] == 2
-    assert d["errors"]["no answer (NoAnswer)"] == 6
+    assert d["errors"]["no answer (NoAnswer)"] == 8
     assert d["errors"]["500 not the gateway's JSON (elsewhere)"] == 2
 
 
