@@ -479,7 +479,7 @@ class Connection:
 IDLE_SECONDS = 2.0
 MAX_RETRIES = 3  # polite retries of one request after 503 + Retry-After
 MAX_RETRY_WAIT = 30.0  # seconds; a longer Retry-After is taken as this
-NO_ANSWER = (OSError, EOFError, NoAnswer, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError)
+NO_ANSWER = (OSError, NoAnswer, TimeoutError, ValueError)
 
 
 def _outcome(answer, due: float, retries: int, detail: bool) -> tuple[Outcome, float | None]:
@@ -603,13 +603,13 @@ def run(
         issuing = True
         all_done = loop.create_future()
 
-        def arrive(index: int, due: float, retries: int = 0) -> None:
+        def arrive(index: int, due: float) -> None:
             nonlocal out
             if out >= max_outstanding:
-                queued.append((index, due, retries))
+                queued.append((index, due, 0))
                 return
             out += 1
-            go(index, due, retries)
+            go(index, due, 0)
 
         def go(index: int, due: float, retries: int) -> None:
             while idle:
