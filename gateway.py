@@ -695,13 +695,16 @@ class _Turn:
 
 class Admission:
     """Admission by queueing delay, per process, in its event loop (no locks: one thread runs it). At most `limit`
-    requests work at once; the others wait in arrival order, each for at most `budget` seconds from its arrival,
-    and one that cannot start within its budget is shed (503 with Retry-After). Whether it can is predicted when it
-    arrives, from the recent time a request holds a slot: a request that would wait too long is refused without
-    taking a place in the queue, and one admitted to wait is still shed if its budget runs out. A finished request
-    hands its slot straight to the oldest waiter. A waiting request is a suspended coroutine: it holds no thread,
-    only its body, and the waiters' bodies together stay within `max_waiting_bytes` (0: no limit); past that, a
-    request that would wait is shed. `gauge` (optional) counts the waiters."""
+    requests work at once; the others wait, each for at most `budget` seconds from its arrival, and one that cannot
+    start within its budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the
+    recent time a request holds a slot: a request that would wait too long is refused without taking a place in the
+    queue, and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
+    to a waiter: the oldest, until a request has been shed; from then until nobody waits, the newest. Under
+    overload the queue stays full whatever the order, so the order decides only who waits: in arrival order every
+    served request would wait the whole budget, newest first it waits little, and the ones that wait longest are
+    the ones shed when their budget runs out. A waiting request is a suspended coroutine: it holds no thread, only
+    its body, and the waiters' bodies together stay within `max_waiting_bytes` (0: no limit); past that, a request
+    that would wait is shed. `gauge` (optional) counts the waiters."""
 
     def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
         self.limit, self.budget, self.max_waiting_bytes, self.gauge = limit, budget, max_waiting_bytes, gauge
@@ -709,6 +712,7 @@ class Admission:
         self._waiting: collections.deque[_Turn] = collections.deque()
         self._waiting_bytes = 0
         self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
+        self._newest_first = False  # set when a request is shed, cleared when nobody waits
 
     def predicted_wait(self) -> float:
         """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
@@ -719,6 +723,10 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def newest_first(self) -> bool:
+        """Whether a free slot goes to the newest waiter (since a request was shed) or the oldest."""
+        return self._newest_first
+
     async def enter(self, arrived: float, size: int = 0) -> float | None:
         """Wait until this request (arrived at perf_counter() time `arrived`, its body `size` bytes) may work. The
         perf_counter() time its slot was granted, or None: shed it. A slot is never granted past the budget."""
@@ -727,9 +735,10 @@ class Admission:
         if self._working < self.limit:
             self._working += 1
             return now
-        if now + self.predicted_wait() > deadline:
-            return None
-        if self.max_waiting_bytes and self._waiting_bytes + size > self.max_waiting_bytes:
+        if now + self.predicted_wait() > deadline or (
+            self.max_waiting_bytes and self._waiting_bytes + size > self.max_waiting_bytes
+        ):
+            self._newest_first = True
             return None
         loop = asyncio.get_running_loop()
         turn = _Turn(deadline, loop.create_future())
@@ -756,22 +765,28 @@ class Admission:
         if turn in self._waiting:
             self._waiting.remove(turn)
             turn.future.set_result(None)
+            self._newest_first = True
 
     def leave(self, held: float | None = None) -> None:
-        """The request that held a slot (for `held` seconds) is done: the slot goes to the oldest waiter whose
-        budget is not spent yet (those past it are shed), or back to the pool."""
+        """The request that held a slot (for `held` seconds) is done: the slot goes to a waiter whose budget is not
+        spent yet (the oldest, or the newest since a request was shed), or back to the pool."""
         if held is not None:
             previous = self._slot_seconds
             self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
         now = time.perf_counter()
         while self._waiting:
-            turn = self._waiting.popleft()
+            turn = self._waiting.pop() if self._newest_first else self._waiting.popleft()
             if turn.future.done():  # cancelled with its request
                 continue
-            granted = now if now <= turn.deadline else None
-            turn.future.set_result(granted)
-            if granted is not None:
-                return
+            if now > turn.deadline:  # its expiry is due but has not run yet: shed
+                turn.future.set_result(None)
+                self._newest_first = True
+                continue
+            turn.future.set_result(now)
+            if not self._waiting:
+                self._newest_first = False
+            return
+        self._newest_first = False
         self._working -= 1
 
 
@@ -930,11 +945,12 @@ class Front:
         count, self._shed["count"], self._shed["logged"] = self._shed["count"], 0, now
         log.warning(
             "overloaded: %d request(s) shed since the last line like this one: they could not start within "
-            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now)",
+            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now, served %s)",
             count,
             self.settings.queue_budget,
             self.settings.max_inflight,
             self.admission.waiting(),
+            "newest first" if self.admission.newest_first() else "in arrival order",
         )
 
     @staticmethod

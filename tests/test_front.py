@@ -86,6 +86,61 @@ def test_admission_hands_slots_to_the_waiters_in_arrival_order():
     asyncio.run(scenario())
 
 
+def test_admission_serves_the_newest_first_once_it_sheds_and_in_arrival_order_once_nobody_waits():
+    """Under overload the queue is full whatever its order; newest first, a served request waits little and the
+    ones that wait longest are those shed."""
+
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=5.0)
+        assert await admission.enter(time.perf_counter()) is not None  # working
+
+        async def waiters(count):
+            tasks = []
+            for _ in range(count):
+                tasks.append(asyncio.create_task(admission.enter(time.perf_counter())))
+                await asyncio.sleep(0.005)
+            return tasks
+
+        a, b, c = await waiters(3)
+        admission.leave(0.01)
+        await asyncio.sleep(0.01)
+        assert a.done() and not b.done() and not c.done() and not admission.newest_first()  # arrival order
+        assert await admission.enter(time.perf_counter() - 6) is None  # its budget was spent before it asked: shed
+        assert admission.newest_first()
+        admission.leave(0.01)
+        await asyncio.sleep(0.01)
+        assert c.done() and c.result() is not None and not b.done()  # the newest
+        admission.leave(0.01)
+        assert await b is not None and admission.waiting() == 0
+        assert not admission.newest_first()  # nobody waits: arrival order again
+        d, e = await waiters(2)
+        admission.leave(0.01)
+        await asyncio.sleep(0.01)
+        assert d.done() and not e.done()
+        admission.leave(0.01)
+        assert await e is not None
+
+    asyncio.run(scenario())
+
+
+def test_admission_sheds_a_waiter_whose_budget_runs_out_and_then_serves_the_newest_first():
+    async def scenario():
+        admission = gateway.Admission(limit=1, budget=0.3)
+        assert await admission.enter(time.perf_counter()) is not None
+        started = time.monotonic()
+        stale = asyncio.create_task(admission.enter(time.perf_counter() - 0.15))
+        await asyncio.sleep(0.05)
+        older, newer = (asyncio.create_task(admission.enter(time.perf_counter())) for _ in range(2))
+        assert await stale is None and 0.1 <= time.monotonic() - started < 2  # shed when its budget ran out
+        assert admission.newest_first() and admission.waiting() == 2
+        admission.leave(0.01)
+        assert await newer is not None and not older.done()
+        admission.leave(0.01)
+        assert await older is not None
+
+    asyncio.run(scenario())
+
+
 def test_admission_sheds_a_waiter_whose_budget_runs_out():
     async def scenario():
         admission = gateway.Admission(limit=1, budget=0.2)
