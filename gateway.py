@@ -699,10 +699,11 @@ class Admission:
     start within its budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the
     recent time a request holds a slot: a request that would wait too long is refused without taking a place in the
     queue, and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
-    to a waiter: the oldest, until a request has been shed; from then until nobody waits, the newest. Under
-    overload the queue stays full whatever the order, so the order decides only who waits: in arrival order every
-    served request would wait the whole budget, newest first it waits little, and the ones that wait longest are
-    the ones shed when their budget runs out. A waiting request is a suspended coroutine: it holds no thread, only
+    to a waiter: the oldest, except for one budget after a request was refused on arrival (the queue was full):
+    then the newest. Under overload the queue stays full whatever the order, so the order decides only who waits:
+    in arrival order every served request would wait the whole budget, newest first it waits little, and the ones
+    that wait longest are the ones shed when their budget runs out. (Those do not extend the newest-first time:
+    it is the order that left them waiting.) A waiting request is a suspended coroutine: it holds no thread, only
     its body, and the waiters' bodies together stay within `max_waiting_bytes` (0: no limit); past that, a request
     that would wait is shed. `gauge` (optional) counts the waiters."""
 
@@ -712,7 +713,7 @@ class Admission:
         self._waiting: collections.deque[_Turn] = collections.deque()
         self._waiting_bytes = 0
         self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
-        self._newest_first = False  # set when a request is shed, cleared when nobody waits
+        self._newest_until = float("-inf")  # one budget after the last request refused on arrival
 
     def predicted_wait(self) -> float:
         """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
@@ -723,9 +724,25 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def full(self, arrived: float, size: int = 0) -> bool:
+        """Whether a request that arrived at `arrived` (its body `size` bytes) would be refused now, without a
+        place in the queue: every slot is busy, and the queue ahead of it would keep it past its budget or its body
+        would not fit."""
+        if self._working < self.limit:
+            return False
+        if time.perf_counter() + self.predicted_wait() > arrived + self.budget:
+            return True
+        return bool(self.max_waiting_bytes) and self._waiting_bytes + size > self.max_waiting_bytes
+
+    def refused(self) -> None:
+        """A request was refused on arrival (full() was true): for one budget from now, a free slot goes to the
+        newest waiter."""
+        self._newest_until = time.perf_counter() + self.budget
+
     def newest_first(self) -> bool:
-        """Whether a free slot goes to the newest waiter (since a request was shed) or the oldest."""
-        return self._newest_first
+        """Whether a free slot goes to the newest waiter (a request was refused on arrival within the last
+        budget) or the oldest."""
+        return time.perf_counter() < self._newest_until
 
     async def enter(self, arrived: float, size: int = 0) -> float | None:
         """Wait until this request (arrived at perf_counter() time `arrived`, its body `size` bytes) may work. The
@@ -735,10 +752,8 @@ class Admission:
         if self._working < self.limit:
             self._working += 1
             return now
-        if now + self.predicted_wait() > deadline or (
-            self.max_waiting_bytes and self._waiting_bytes + size > self.max_waiting_bytes
-        ):
-            self._newest_first = True
+        if self.full(arrived, size):
+            self.refused()
             return None
         loop = asyncio.get_running_loop()
         turn = _Turn(deadline, loop.create_future())
@@ -765,28 +780,24 @@ class Admission:
         if turn in self._waiting:
             self._waiting.remove(turn)
             turn.future.set_result(None)
-            self._newest_first = True
 
     def leave(self, held: float | None = None) -> None:
         """The request that held a slot (for `held` seconds) is done: the slot goes to a waiter whose budget is not
-        spent yet (the oldest, or the newest since a request was shed), or back to the pool."""
+        spent yet (the oldest, or the newest within a budget of a refusal on arrival), or back to the pool."""
         if held is not None:
             previous = self._slot_seconds
             self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
         now = time.perf_counter()
+        newest = now < self._newest_until
         while self._waiting:
-            turn = self._waiting.pop() if self._newest_first else self._waiting.popleft()
+            turn = self._waiting.pop() if newest else self._waiting.popleft()
             if turn.future.done():  # cancelled with its request
                 continue
             if now > turn.deadline:  # its expiry is due but has not run yet: shed
                 turn.future.set_result(None)
-                self._newest_first = True
                 continue
             turn.future.set_result(now)
-            if not self._waiting:
-                self._newest_first = False
             return
-        self._newest_first = False
         self._working -= 1
 
 
@@ -840,13 +851,7 @@ class Front:
         if scope["type"] != "http":  # gunicorn.conf.py turns the lifespan protocol off; websockets are not served
             return
         arrived = time.perf_counter()
-        length, given = b"", ""
-        for name, value in scope["headers"]:  # the two the front needs; names come lower-case
-            if name == b"content-length":
-                length = value
-            elif name == b"x-request-id":
-                given = value.decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        length, request_id = _length_and_request_id(scope)
         predict = scope["path"] == "/predict" and scope["method"] == "POST"
         try:
             body = await self._read_body(receive, length)
@@ -861,6 +866,27 @@ class Front:
         await send({"type": "http.response.start", "status": status, "headers": answer_headers})
         await send({"type": "http.response.body", "body": answer})
         self._log_access(scope, status, answer_headers, len(answer), arrived)
+
+    def refuse_at_once(self, scope):
+        """The answer to a request refused as soon as its head is read, or None: it goes to the app as usual. For
+        the HTTP protocol (gunicorn.conf.py): a POST /predict that would be refused without a place in the queue, at
+        a time when a refusal may go out at once, is answered before its body is read; the protocol reads the body
+        and drops it, so the connection stays ready for the next request. It costs the loop no task and no
+        coroutine: under overload, most requests are these. The answer is the one the app would give, logged and
+        counted the same way."""
+        if scope["method"] != "POST" or scope["path"] != "/predict":
+            return None
+        arrived = time.perf_counter()
+        length, request_id = _length_and_request_id(scope)
+        size = int(length) if length.isdigit() else 0
+        if size > self.settings.max_request_bytes or not self.admission.full(arrived, size):
+            return None
+        if not self._fast_refusal():
+            return None
+        self.admission.refused()
+        status, headers, body = answer = self._refusal(request_id)
+        self._log_access(scope, status, headers, len(body), arrived)
+        return answer
 
     async def _read_body(self, receive, length: bytes) -> list[bytes] | None:
         """The whole body, as the pieces it came in (a refused request's are never joined), or None if it is larger
@@ -908,6 +934,10 @@ class Front:
                 await asyncio.sleep(max(0.0, arrived + self.settings.queue_budget - time.perf_counter()))
             finally:
                 self._held_refusals -= 1
+        return self._refusal(request_id)
+
+    def _refusal(self, request_id: str):
+        """A shed request's answer (503 overloaded, with Retry-After), counted and logged."""
         retry = max(1, math.ceil(self.admission.predicted_wait()))
         message = (
             f"the gateway is at capacity: this request could not start within {self.settings.queue_budget:g} s; "
@@ -964,6 +994,18 @@ class Front:
         milliseconds = round((time.perf_counter() - arrived) * 1000)
         line = f'"{scope["method"]} {target} HTTP/{scope["http_version"]}" {status} {size} {milliseconds}ms'
         ACCESS_LOG.info("%s %s rid=%s", client, line, request_id)
+
+
+def _length_and_request_id(scope) -> tuple[bytes, str]:
+    """A request's Content-Length (b"" if none) and its id: the client's X-Request-Id if it is a sane one, else
+    a new one. Header names come lower-case."""
+    length, given = b"", ""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = value
+        elif name == b"x-request-id":
+            given = value.decode("latin-1")
+    return length, given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def _json_answer(status: int, code: str, message: str, request_id: str, headers=()):

@@ -16,9 +16,9 @@ alike. It reports goodput (answered 200 per second within the row's window), the
 share shed (503 overloaded), requests that got no HTTP answer at all, and p50 and p99 of the successful
 requests, with a plot of goodput and p99 against offered load (bench/load.png). The targets (issue 11) are
 ratios within this one run: no request without an answer in any row; goodput at 64 clients and at 3x capacity
-at least 90% of the run's best; p99 under overload within the admission budget plus one service time (the p50
-at one client). `--sweep` also runs the two overload rows for other admission settings, the measurement the
-defaults were chosen by.
+at least 90% of the run's best; p99 under overload within the admission budget plus one service time (the row's
+p99 of the gateway's work on a request, from its own timings). `--sweep` also runs the two overload rows for other
+admission settings, the measurement the defaults were chosen by.
 
 Writes bench/load.md, bench/load.json and bench/load.png. It measures; it never fails on a number.
 """

@@ -1,6 +1,7 @@
 """The gateway's front (gateway.Admission and gateway.Front, the ASGI app gunicorn serves): admission by queueing
 delay in the event loop, shed requests, bodies, the access log, and Flask in threads, driven in-process through
-the ASGI interface with a stand-in model client. Under a real gunicorn: test_load_and_faults.py."""
+the ASGI interface with a stand-in model client; and gunicorn.conf.py's HTTP protocol, which answers requests
+refused as soon as their head is read, under a real uvicorn. Under a real gunicorn: test_load_and_faults.py."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import base64
 import json
 import logging
 import re
+import runpy
+import socket
 import threading
 import time
 from types import SimpleNamespace
 
+import prometheus_client
 import pytest
+import uvicorn
 from test_gateway import RED, FakeModel
 
 import gateway
+from conftest import ROOT
 
 BODY = json.dumps({"image": base64.b64encode(RED).decode()}).encode()
 
@@ -86,12 +92,12 @@ def test_admission_hands_slots_to_the_waiters_in_arrival_order():
     asyncio.run(scenario())
 
 
-def test_admission_serves_the_newest_first_once_it_sheds_and_in_arrival_order_once_nobody_waits():
+def test_admission_serves_the_newest_first_for_one_budget_after_a_refusal_on_arrival():
     """Under overload the queue is full whatever its order; newest first, a served request waits little and the
     ones that wait longest are those shed."""
 
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=5.0)
+        admission = gateway.Admission(limit=1, budget=0.3)
         assert await admission.enter(time.perf_counter()) is not None  # working
 
         async def waiters(count):
@@ -105,14 +111,18 @@ def test_admission_serves_the_newest_first_once_it_sheds_and_in_arrival_order_on
         admission.leave(0.01)
         await asyncio.sleep(0.01)
         assert a.done() and not b.done() and not c.done() and not admission.newest_first()  # arrival order
-        assert await admission.enter(time.perf_counter() - 6) is None  # its budget was spent before it asked: shed
+        assert await admission.enter(time.perf_counter() - 0.4) is None  # its budget was spent before it asked
+        refused = time.monotonic()
         assert admission.newest_first()
         admission.leave(0.01)
         await asyncio.sleep(0.01)
         assert c.done() and c.result() is not None and not b.done()  # the newest
         admission.leave(0.01)
-        assert await b is not None and admission.waiting() == 0
-        assert not admission.newest_first()  # nobody waits: arrival order again
+        assert await b is not None
+        admission.leave(0.01)
+        await asyncio.sleep(max(0.0, refused + 0.32 - time.monotonic()))
+        assert not admission.newest_first()  # a budget later: arrival order again
+        assert await admission.enter(time.perf_counter()) is not None
         d, e = await waiters(2)
         admission.leave(0.01)
         await asyncio.sleep(0.01)
@@ -123,20 +133,21 @@ def test_admission_serves_the_newest_first_once_it_sheds_and_in_arrival_order_on
     asyncio.run(scenario())
 
 
-def test_admission_sheds_a_waiter_whose_budget_runs_out_and_then_serves_the_newest_first():
+def test_a_waiter_shed_when_its_budget_runs_out_leaves_the_order_as_it_was():
+    """Newest first, the oldest waiters run out of budget: that must not keep the order newest first."""
+
     async def scenario():
         admission = gateway.Admission(limit=1, budget=0.3)
         assert await admission.enter(time.perf_counter()) is not None
-        started = time.monotonic()
         stale = asyncio.create_task(admission.enter(time.perf_counter() - 0.15))
         await asyncio.sleep(0.05)
         older, newer = (asyncio.create_task(admission.enter(time.perf_counter())) for _ in range(2))
-        assert await stale is None and 0.1 <= time.monotonic() - started < 2  # shed when its budget ran out
-        assert admission.newest_first() and admission.waiting() == 2
+        assert await stale is None and admission.waiting() == 2  # shed when its budget ran out
+        assert not admission.newest_first()
         admission.leave(0.01)
-        assert await newer is not None and not older.done()
+        assert await older is not None and not newer.done()
         admission.leave(0.01)
-        assert await older is not None
+        assert await newer is not None
 
     asyncio.run(scenario())
 
@@ -365,3 +376,198 @@ def test_one_access_log_line_per_request_with_status_time_and_request_id(fake, c
     }
     assert found == {"b" * 32: "503", "a" * 32: "200"}
     assert all(re.match(r'127\.0\.0\.1 "POST /predict HTTP/1\.1" \d{3} \d+ \d+ms rid=', line) for line in lines)
+
+
+def test_a_request_refused_at_once_is_answered_from_its_head_and_counted_like_any_refusal(fake, caplog):
+    app = front(fake, max_inflight=1, queue_budget=0.5)
+    head = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"", "http_version": "1.1"}
+    head |= {"client": ("127.0.0.1", 50000), "headers": [(b"content-length", b"1000"), (b"x-request-id", b"early-1")]}
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    before = shed_count()
+
+    async def scenario():
+        assert app.refuse_at_once(head) is None  # a slot is free
+        await app.admission.enter(time.perf_counter())
+        assert app.refuse_at_once(head) is None  # every slot busy, but the queue is empty: it may wait
+        app.admission.leave(2.0)  # requests have been holding a slot for 2 s
+        await app.admission.enter(time.perf_counter())
+        assert app.refuse_at_once(head | {"path": "/healthz"}) is None  # only predictions are shed
+        too_large = [(b"content-length", str(app.settings.max_request_bytes + 1).encode())]
+        assert app.refuse_at_once(head | {"headers": too_large}) is None  # the app answers 413 and closes
+        assert not app.admission.newest_first()
+        return app.refuse_at_once(head)
+
+    status, headers, body = asyncio.run(scenario())
+    headers = {k.decode(): v.decode() for k, v in headers}
+    assert status == 503 and json.loads(body)["error"]["code"] == "overloaded"
+    assert headers["retry-after"] == "2" and headers["x-request-id"] == "early-1"
+    assert headers["content-length"] == str(len(body)) and headers["content-type"] == "application/json"
+    assert app.admission.newest_first() and shed_count() == before + 1
+    lines = [r.getMessage() for r in caplog.records if "early-1" in r.getMessage()]
+    assert len(lines) == 1 and re.fullmatch(
+        rf'127\.0\.0\.1 "POST /predict HTTP/1\.1" 503 {len(body)} \d+ms rid=early-1', lines[0]
+    )
+
+
+def test_past_the_rate_of_refusals_sent_at_once_a_request_goes_to_the_app(fake, monkeypatch):
+    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 0.0)
+    app = front(fake, max_inflight=1, queue_budget=0.5)
+    head = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""}
+
+    async def scenario():
+        await app.admission.enter(time.perf_counter())
+        app.admission.leave(2.0)
+        await app.admission.enter(time.perf_counter())
+        return app.refuse_at_once(head)
+
+    assert asyncio.run(scenario()) is None  # the app reads it and holds its refusal to its budget
+
+
+def shed_count() -> float:
+    return prometheus_client.REGISTRY.get_sample_value("gateway_errors_total", {"code": "overloaded"}) or 0.0
+
+
+# ---- gunicorn.conf.py's HTTP protocol -------------------------------------------------------------------
+
+GUNICORN_CONF = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+
+
+class RefusingApp:
+    """An ASGI app that refuses POST /refuse as soon as its head is read and answers anything else itself with
+    the size of the body it read."""
+
+    ANSWER = b'{"error": {"code": "overloaded", "message": "refused"}}'
+
+    def __init__(self):
+        self.answered = []  # (path, body size) of each request the app itself answered
+
+    def refuse_at_once(self, scope):
+        if scope["method"] != "POST" or scope["path"] != "/refuse":
+            return None
+        return 503, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.ANSWER))], self.ANSWER
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        self.answered.append((scope["path"], size))
+        answer = b"%d" % size
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]}
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+
+@pytest.fixture
+def protocol_server():
+    """uvicorn with gunicorn.conf.py's worker settings (its protocol) serving RefusingApp on a free port."""
+    app = RefusingApp()
+    config = uvicorn.Config(app, **GUNICORN_CONF["GatewayWorker"].CONFIG_KWARGS, log_level="warning")
+    server = uvicorn.Server(config)
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    yield SimpleNamespace(app=app, port=listener.getsockname()[1])
+    server.should_exit = True
+    thread.join(10)
+    listener.close()
+
+
+def read_answer(connection: socket.socket, buffer: bytearray) -> tuple[int, dict, bytes]:
+    """One HTTP answer (with a Content-Length) from `connection`; bytes past it stay in `buffer`."""
+    while b"\r\n\r\n" not in buffer:
+        data = connection.recv(65536)
+        assert data, f"the connection closed before an answer: {bytes(buffer)!r}"
+        buffer += data
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    size = int(headers.get("content-length", 0))
+    while len(rest) < size:
+        data = connection.recv(65536)
+        assert data, "the connection closed inside an answer"
+        rest += data
+    buffer[:] = rest[size:]
+    return int(status_line.split()[1]), headers, rest[:size]
+
+
+def post(path: str, body: bytes, version: str = "1.1", extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/%s\r\nhost: t\r\ncontent-length: %d\r\n%s\r\n"
+        % (path.encode(), version.encode(), len(body), extra)
+        + body
+    )
+
+
+def test_the_worker_serves_with_the_gateway_protocol():
+    assert GUNICORN_CONF["GatewayWorker"].CONFIG_KWARGS["http"] is GUNICORN_CONF["GatewayProtocol"]
+
+
+def test_the_protocol_answers_a_refusal_from_the_head_drops_the_body_and_keeps_the_connection(protocol_server):
+    body = bytes(range(256)) * 256  # 64 KiB, sent after the head, in pieces
+    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
+        buffer = bytearray()
+        request = post("/refuse", body)
+        head_size = request.index(b"\r\n\r\n") + 4
+        connection.sendall(request[:head_size])
+        status, headers, answer = read_answer(connection, buffer)  # answered before any of the body came
+        assert status == 503 and answer == RefusingApp.ANSWER and headers["content-type"] == "application/json"
+        assert "date" in headers and "connection" not in headers  # uvicorn's own headers, and kept alive
+        for start in range(head_size, len(request), 16384):
+            connection.sendall(request[start : start + 16384])
+            time.sleep(0.01)
+        connection.sendall(post("/echo", b"0123456789"))
+        status, _, answer = read_answer(connection, buffer)
+        assert (status, answer) == (200, b"10")
+    assert protocol_server.app.answered == [("/echo", 10)]  # the refused request never reached the app
+
+
+def test_the_protocol_answers_pipelined_requests_in_order(protocol_server):
+    requests = post("/refuse", b"x" * 1000) + post("/echo", b"abc") + post("/refuse", b"") + post("/echo", b"")
+    chunked = b"POST /refuse HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
+        connection.sendall(requests + chunked + post("/echo", b"z"))
+        buffer = bytearray()
+        answers = [read_answer(connection, buffer) for _ in range(6)]
+    assert [(status, body) for status, _, body in answers] == [
+        (503, RefusingApp.ANSWER),
+        (200, b"3"),
+        (503, RefusingApp.ANSWER),
+        (200, b"0"),
+        (503, RefusingApp.ANSWER),
+        (200, b"1"),
+    ]
+    assert protocol_server.app.answered == [("/echo", 3), ("/echo", 0), ("/echo", 1)]
+
+
+def test_the_protocol_closes_an_http_1_0_connection_after_a_refusal(protocol_server):
+    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
+        connection.sendall(post("/refuse", b"x" * 100, version="1.0"))
+        buffer = bytearray()
+        status, headers, _ = read_answer(connection, buffer)
+        assert status == 503 and headers["connection"] == "close"
+        assert connection.recv(100) == b""  # closed by the server
+
+
+def test_the_protocol_leaves_a_request_that_expects_100_continue_to_the_app(protocol_server):
+    """Its client may hold the body back until it hears 100 Continue; the app's reading the body sends it."""
+    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
+        request = post("/refuse", b"y" * 50, extra=b"expect: 100-continue\r\n")
+        head_size = request.index(b"\r\n\r\n") + 4
+        connection.sendall(request[:head_size])
+        buffer = bytearray()
+        while b"\r\n\r\n" not in buffer:
+            buffer += connection.recv(65536)
+        assert bytes(buffer).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        del buffer[: len(b"HTTP/1.1 100 Continue\r\n\r\n")]
+        connection.sendall(request[head_size:])
+        assert read_answer(connection, buffer)[::2] == (200, b"50")
+    assert protocol_server.app.answered == [("/refuse", 50)]
