@@ -699,13 +699,20 @@ class Admission:
     start within its budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the
     recent time a request holds a slot: a request that would wait too long is refused without taking a place in the
     queue, and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
-    to a waiter: the oldest, except for one budget after a request was refused on arrival (the queue was full):
-    then the newest. Under overload the queue stays full whatever the order, so the order decides only who waits:
-    in arrival order every served request would wait the whole budget, newest first it waits little, and the ones
-    that wait longest are the ones shed when their budget runs out. (Those do not extend the newest-first time:
-    it is the order that left them waiting.) A waiting request is a suspended coroutine: it holds no thread, only
-    its body, and the waiters' bodies together stay within `max_waiting_bytes` (0: no limit); past that, a request
-    that would wait is shed. `gauge` (optional) counts the waiters."""
+    to a waiter: the oldest, or the newest while at least NEWEST_FIRST_SHARE of the requests that arrived in the
+    last one to two budgets were refused on arrival (the queue was full). Under overload the queue stays full
+    whatever the order, so the order decides only who waits: in arrival order every served request would wait the
+    whole budget, newest first most wait little, and the ones that wait longest are the ones shed when their budget
+    runs out. (Those are not counted: it is the order that left them waiting.) A few refusals do not switch the
+    order: a queue near its budget but not over it, like a closed loop of clients a few times the slots, refuses
+    one now and then, and newest first would starve its oldest waiters until their budget ran out. A waiting
+    request is a suspended coroutine: it holds no thread, only its body, and the waiters' bodies together stay
+    within `max_waiting_bytes` (0: no limit); past that, a request that would wait is shed. `gauge` (optional)
+    counts the waiters."""
+
+    # A tenth: more than a queue at capacity refuses (under 7% at 1x capacity in bench-load here), far less than
+    # real overload (half of all requests at 2x).
+    NEWEST_FIRST_SHARE = 0.1
 
     def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
         self.limit, self.budget, self.max_waiting_bytes, self.gauge = limit, budget, max_waiting_bytes, gauge
@@ -713,7 +720,9 @@ class Admission:
         self._waiting: collections.deque[_Turn] = collections.deque()
         self._waiting_bytes = 0
         self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
-        self._newest_until = float("-inf")  # one budget after the last request refused on arrival
+        # Arrivals and refusals on arrival in this window of one budget and the one before it: [start, arrived,
+        # refused, arrived before, refused before].
+        self._counts = [time.perf_counter(), 0, 0, 0, 0]
 
     def predicted_wait(self) -> float:
         """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
@@ -735,14 +744,27 @@ class Admission:
         return bool(self.max_waiting_bytes) and self._waiting_bytes + size > self.max_waiting_bytes
 
     def refused(self) -> None:
-        """A request was refused on arrival (full() was true): for one budget from now, a free slot goes to the
-        newest waiter."""
-        self._newest_until = time.perf_counter() + self.budget
+        """A request was refused on arrival (full() was true)."""
+        self._count(refused=True)
 
     def newest_first(self) -> bool:
-        """Whether a free slot goes to the newest waiter (a request was refused on arrival within the last
-        budget) or the oldest."""
-        return time.perf_counter() < self._newest_until
+        """Whether a free slot goes to the newest waiter or the oldest: the newest while at least
+        NEWEST_FIRST_SHARE of the requests that arrived in the last one to two budgets were refused on arrival."""
+        counts = self._roll(time.perf_counter())
+        refused, arrived = counts[2] + counts[4], counts[1] + counts[3]
+        return refused > 0 and refused >= self.NEWEST_FIRST_SHARE * arrived
+
+    def _count(self, refused: bool) -> None:
+        counts = self._roll(time.perf_counter())
+        counts[1] += 1
+        counts[2] += refused
+
+    def _roll(self, now: float) -> list:
+        counts = self._counts
+        if now - counts[0] >= self.budget:
+            last = counts[1:3] if now - counts[0] < 2 * self.budget else [0, 0]
+            counts[:] = [now, 0, 0, *last]
+        return counts
 
     async def enter(self, arrived: float, size: int = 0) -> float | None:
         """Wait until this request (arrived at perf_counter() time `arrived`, its body `size` bytes) may work. The
@@ -751,10 +773,12 @@ class Admission:
         now = time.perf_counter()
         if self._working < self.limit:
             self._working += 1
+            self._count(refused=False)
             return now
         if self.full(arrived, size):
             self.refused()
             return None
+        self._count(refused=False)
         loop = asyncio.get_running_loop()
         turn = _Turn(deadline, loop.create_future())
         self._waiting.append(turn)
@@ -783,12 +807,12 @@ class Admission:
 
     def leave(self, held: float | None = None) -> None:
         """The request that held a slot (for `held` seconds) is done: the slot goes to a waiter whose budget is not
-        spent yet (the oldest, or the newest within a budget of a refusal on arrival), or back to the pool."""
+        spent yet (the oldest, or the newest under overload: newest_first()), or back to the pool."""
         if held is not None:
             previous = self._slot_seconds
             self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
         now = time.perf_counter()
-        newest = now < self._newest_until
+        newest = self.newest_first()
         while self._waiting:
             turn = self._waiting.pop() if newest else self._waiting.popleft()
             if turn.future.done():  # cancelled with its request

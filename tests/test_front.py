@@ -92,40 +92,43 @@ def test_admission_hands_slots_to_the_waiters_in_arrival_order():
     asyncio.run(scenario())
 
 
-def test_admission_serves_the_newest_first_for_one_budget_after_a_refusal_on_arrival():
+def test_admission_serves_the_newest_first_while_a_tenth_of_the_arrivals_are_refused():
     """Under overload the queue is full whatever its order; newest first, a served request waits little and the
     ones that wait longest are those shed."""
 
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=0.3)
+        admission = gateway.Admission(limit=1, budget=0.5)
         assert await admission.enter(time.perf_counter()) is not None  # working
 
         async def waiters(count):
             tasks = []
             for _ in range(count):
                 tasks.append(asyncio.create_task(admission.enter(time.perf_counter())))
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.002)
             return tasks
 
-        a, b, c = await waiters(3)
+        queued = await waiters(11)  # 12 arrivals
+        assert await admission.enter(time.perf_counter() - 0.6) is None  # its budget was spent before it asked
+        assert not admission.newest_first()  # 1 refused of 13: arrival order
         admission.leave(0.01)
-        await asyncio.sleep(0.01)
-        assert a.done() and not b.done() and not c.done() and not admission.newest_first()  # arrival order
-        assert await admission.enter(time.perf_counter() - 0.4) is None  # its budget was spent before it asked
+        await asyncio.sleep(0.005)
+        assert [t.done() for t in queued] == [True] + [False] * 10
+        assert await admission.enter(time.perf_counter() - 0.6) is None
+        assert admission.newest_first()  # 2 of 14
+        admission.leave(0.01)
+        await asyncio.sleep(0.005)
+        assert queued[-1].done() and queued[-1].result() is not None and not queued[-2].done()  # the newest
+        for _ in range(9):
+            admission.leave(0.01)
+        await asyncio.gather(*queued)
+        admission.leave(0.01)
         refused = time.monotonic()
-        assert admission.newest_first()
-        admission.leave(0.01)
-        await asyncio.sleep(0.01)
-        assert c.done() and c.result() is not None and not b.done()  # the newest
-        admission.leave(0.01)
-        assert await b is not None
-        admission.leave(0.01)
-        await asyncio.sleep(max(0.0, refused + 0.32 - time.monotonic()))
-        assert not admission.newest_first()  # a budget later: arrival order again
+        await asyncio.sleep(max(0.0, refused + 1.05 - time.monotonic()))
+        assert not admission.newest_first()  # two budgets later the refusals no longer count
         assert await admission.enter(time.perf_counter()) is not None
         d, e = await waiters(2)
         admission.leave(0.01)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.005)
         assert d.done() and not e.done()
         admission.leave(0.01)
         assert await e is not None
