@@ -901,14 +901,14 @@ class Front:
         if scope["method"] != "POST" or scope["path"] != "/predict":
             return None
         arrived = time.perf_counter()
-        length, request_id = _length_and_request_id(scope)
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
         size = int(length) if length.isdigit() else 0
         if size > self.settings.max_request_bytes or not self.admission.full(arrived, size):
             return None
         if not self._fast_refusal():
             return None
         self.admission.refused()
-        status, headers, body = answer = self._refusal(request_id)
+        status, headers, body = answer = self._refusal(_length_and_request_id(scope)[1])
         self._log_access(scope, status, headers, len(body), arrived)
         return answer
 
