@@ -710,8 +710,8 @@ class Admission:
     within `max_waiting_bytes` (0: no limit); past that, a request that would wait is shed. `gauge` (optional)
     counts the waiters."""
 
-    # A tenth: more than a queue at capacity refuses (under 7% at 1x capacity in bench-load here), far less than
-    # real overload (half of all requests at 2x).
+    # A tenth: about what a queue fed at its capacity refuses (3-11% at 1x in bench-load runs here), far less than
+    # real overload refuses (half and more at 2x).
     NEWEST_FIRST_SHARE = 0.1
 
     def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
