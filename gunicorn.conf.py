@@ -21,11 +21,12 @@ from contract import GATEWAY_PORT
 
 class GatewayProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with one shortcut: a request that the app refuses as soon as its head is read
-    (gateway.Front.refuse_at_once: shed under overload) is answered here, with no ASGI task. Under overload most
-    requests are refused, and the task, the app's coroutines and the ASGI messages were most of what a refusal
-    cost. The body that follows is read and dropped by the parser, as uvicorn does for any answer sent before the
-    body was read, so the connection stays ready for the next request. A request that asks for `100 Continue` takes
-    the usual way: its client may be holding the body back, and the app's reading it sends the 100.
+    (gateway.Front.refuse_at_once: shed under overload) is answered here, with no ASGI task, coroutine or
+    message. Under overload most requests are refused: with every request shed at 450 a second here, this cut the
+    gateway's CPU per refusal from 0.45-0.51 to 0.38-0.46 ms (three alternating pairs). The body that follows is
+    read and dropped by the parser, as uvicorn does for any answer sent before the body was read, so the
+    connection stays ready for the next request. A request that asks for `100 Continue` takes the usual way: its
+    client may be holding the body back, and the app's reading it sends the 100.
 
     It extends a protocol class that uvicorn does not document as an API; tests/test_front.py checks it against
     the pinned uvicorn (answers, keep-alive, pipelining, HTTP/1.0, 100-continue)."""
