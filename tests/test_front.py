@@ -92,9 +92,9 @@ def test_admission_hands_slots_to_the_waiters_in_arrival_order():
     asyncio.run(scenario())
 
 
-def test_admission_serves_the_newest_first_while_a_tenth_of_the_arrivals_are_refused():
-    """Under overload the queue is full whatever its order; newest first, a served request waits little and the
-    ones that wait longest are those shed."""
+def test_under_overload_the_queue_is_short_and_served_newest_first():
+    """Overload: a tenth of the recent arrivals refused. Then the slots stay busy with any queue, so a short one
+    served newest first keeps the served requests' wait short; the oldest waiters are the ones shed."""
 
     async def scenario():
         admission = gateway.Admission(limit=1, budget=0.5)
@@ -109,27 +109,31 @@ def test_admission_serves_the_newest_first_while_a_tenth_of_the_arrivals_are_ref
 
         queued = await waiters(11)  # 12 arrivals
         assert await admission.enter(time.perf_counter() - 0.6) is None  # its budget was spent before it asked
-        assert not admission.newest_first()  # 1 refused of 13: arrival order
-        admission.leave(0.01)
+        assert not admission.overloaded()  # 1 refused of 13
+        admission.leave(0.01)  # a slot is held 10 ms: the short queue (0.05 s) is 5 waiters
         await asyncio.sleep(0.005)
-        assert [t.done() for t in queued] == [True] + [False] * 10
+        assert [t.done() for t in queued] == [True] + [False] * 10  # arrival order
         assert await admission.enter(time.perf_counter() - 0.6) is None
-        assert admission.newest_first()  # 2 of 14
+        assert admission.overloaded()  # 2 of 14
         admission.leave(0.01)
         await asyncio.sleep(0.005)
-        assert queued[-1].done() and queued[-1].result() is not None and not queued[-2].done()  # the newest
-        for _ in range(9):
+        assert [t.result() for t in queued[1:6]] == [None] * 5  # the oldest, past the short queue: shed
+        assert queued[-1].done() and queued[-1].result() is not None  # the newest
+        assert [t.done() for t in queued[6:10]] == [False] * 4
+        # 4 waiters, 0.05 s ahead of it; 0.04 s left of its short budget (0.49 s of the whole): refused.
+        assert await admission.enter(time.perf_counter() - 0.01) is None
+        for _ in range(4):
             admission.leave(0.01)
-        await asyncio.gather(*queued)
+        assert None not in await asyncio.gather(*queued[6:])
         admission.leave(0.01)
         refused = time.monotonic()
         await asyncio.sleep(max(0.0, refused + 1.05 - time.monotonic()))
-        assert not admission.newest_first()  # two budgets later the refusals no longer count
+        assert not admission.overloaded()  # two budgets later the refusals no longer count
         assert await admission.enter(time.perf_counter()) is not None
         d, e = await waiters(2)
         admission.leave(0.01)
         await asyncio.sleep(0.005)
-        assert d.done() and not e.done()
+        assert d.done() and not e.done()  # arrival order again
         admission.leave(0.01)
         assert await e is not None
 
@@ -144,8 +148,8 @@ def test_admission_sheds_a_waiter_whose_budget_runs_out_and_keeps_its_order():
         assert await admission.enter(time.perf_counter()) is None
         assert 0.15 <= time.monotonic() - started < 2 and admission.waiting() == 0
         # Not a refusal on arrival: newest first, the oldest waiters run out of budget, and counting them would
-        # keep the order newest first.
-        assert not admission.newest_first()
+        # keep the gateway overloaded.
+        assert not admission.overloaded()
         admission.leave(0.01)
         assert await admission.enter(time.perf_counter()) is not None  # the slot came back
 
@@ -381,7 +385,7 @@ def test_a_request_refused_at_once_is_answered_from_its_head_and_counted_like_an
         assert app.refuse_at_once(head | {"path": "/healthz"}) is None  # only predictions are shed
         too_large = [(b"content-length", str(app.settings.max_request_bytes + 1).encode())]
         assert app.refuse_at_once(head | {"headers": too_large}) is None  # the app answers 413 and closes
-        assert not app.admission.newest_first()
+        assert not app.admission.overloaded()
         return app.refuse_at_once(head)
 
     status, headers, body = asyncio.run(scenario())
@@ -389,7 +393,7 @@ def test_a_request_refused_at_once_is_answered_from_its_head_and_counted_like_an
     assert status == 503 and json.loads(body)["error"]["code"] == "overloaded"
     assert headers["retry-after"] == "2" and headers["x-request-id"] == "early-1"
     assert headers["content-length"] == str(len(body)) and headers["content-type"] == "application/json"
-    assert app.admission.newest_first() and shed_count() == before + 1
+    assert app.admission.overloaded() and shed_count() == before + 1
     lines = [r.getMessage() for r in caplog.records if "early-1" in r.getMessage()]
     assert len(lines) == 1 and re.fullmatch(
         rf'127\.0\.0\.1 "POST /predict HTTP/1\.1" 503 {len(body)} \d+ms rid=early-1', lines[0]
