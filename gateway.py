@@ -717,7 +717,7 @@ class Admission:
     OVERLOAD_SHARE = 0.1
     # Under overload, waiters start within a tenth of the budget: with arrivals at twice the capacity and more, a
     # queue of 0.1 s keeps the slots as busy as one of 1 s (goodput alike in five A/B rounds here), and the served
-    # requests' p99 at 2x and 3x fell from 943-1,038 to 461-733 ms.
+    # requests' p99 at 2x and 3x fell from 894-1,038 to 461-922 ms.
     OVERLOAD_BUDGET_SHARE = 0.1
 
     def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
