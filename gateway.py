@@ -745,14 +745,17 @@ class Admission:
         would not fit."""
         if self._working < self.limit:
             return False
-        budget = self.budget * (self.OVERLOAD_BUDGET_SHARE if self.overloaded() else 1.0)
-        if time.perf_counter() + self.predicted_wait() > arrived + budget:
+        if time.perf_counter() + self.predicted_wait() > arrived + self.wait_budget():
             return True
         return bool(self.max_waiting_bytes) and self._waiting_bytes + size > self.max_waiting_bytes
 
     def refused(self) -> None:
         """A request was refused on arrival (full() was true)."""
         self._count(refused=True)
+
+    def wait_budget(self) -> float:
+        """The longest a request arriving now may wait for a slot: the budget, or its short share under overload."""
+        return self.budget * (self.OVERLOAD_BUDGET_SHARE if self.overloaded() else 1.0)
 
     def overloaded(self) -> bool:
         """Whether at least OVERLOAD_SHARE of the requests that arrived in the last one to two budgets were refused
@@ -978,7 +981,7 @@ class Front:
         """A shed request's answer (503 overloaded, with Retry-After), counted and logged."""
         retry = max(1, math.ceil(self.admission.predicted_wait()))
         message = (
-            f"the gateway is at capacity: this request could not start within {self.settings.queue_budget:g} s; "
+            f"the gateway is at capacity: this request could not start within {self.admission.wait_budget():g} s; "
             f"retry in {retry} s"
         )
         _SHED_ERRORS.inc()
@@ -1013,8 +1016,9 @@ class Front:
         count, self._shed["count"], self._shed["logged"] = self._shed["count"], 0, now
         log.warning(
             "overloaded: %d request(s) shed since the last line like this one: they could not start within "
-            "GATEWAY_QUEUE_BUDGET=%g s (GATEWAY_MAX_INFLIGHT=%d; %d waiting now, served %s)",
+            "%g s (GATEWAY_QUEUE_BUDGET=%g s; GATEWAY_MAX_INFLIGHT=%d; %d waiting now, served %s)",
             count,
+            self.admission.wait_budget(),
             self.settings.queue_budget,
             self.settings.max_inflight,
             self.admission.waiting(),
