@@ -707,10 +707,10 @@ class Admission:
     wait: in a full queue in arrival order every one would wait the whole budget. (Waiters shed on the way are not
     counted as refusals: the order and the short queue made them.) A few refusals do not make overload: a queue
     near its budget but not over it, like a closed loop of clients a few times the slots, refuses one now and
-    then, and newest first would starve its oldest waiters until their budget ran out. A waiting
-    request is a suspended coroutine: it holds no thread, only its body, and the waiters' bodies together stay
-    within `max_waiting_bytes` (0: no limit); past that, a request that would wait is shed. `gauge` (optional)
-    counts the waiters."""
+    then, and newest first would starve its oldest waiters until their budget ran out. A waiting request is a
+    suspended coroutine: it holds no thread, only its body, and the waiters' bodies together stay within
+    `max_waiting_bytes` (0: no limit); past that, a request that would wait is shed. `gauge` (optional) counts the
+    waiters."""
 
     # A tenth: about what a queue fed at its capacity refuses (3-11% at 1x in bench-load runs here), far less than
     # real overload refuses (half and more at 2x).
@@ -823,15 +823,15 @@ class Admission:
             previous = self._slot_seconds
             self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
         now = time.perf_counter()
-        newest = self.overloaded()
-        if newest and self._slot_seconds:  # keep the waiters that can start within the short budget
-            keep = max(1, int(self.budget * self.OVERLOAD_BUDGET_SHARE * self.limit / self._slot_seconds))
+        overloaded = self.overloaded()
+        if overloaded and self._slot_seconds:  # keep the waiters that can start within the short budget
+            keep = max(1, int(self.wait_budget() * self.limit / self._slot_seconds))
             while len(self._waiting) > keep:
                 turn = self._waiting.popleft()
                 if not turn.future.done():
                     turn.future.set_result(None)
         while self._waiting:
-            turn = self._waiting.pop() if newest else self._waiting.popleft()
+            turn = self._waiting.pop() if overloaded else self._waiting.popleft()
             if turn.future.done():  # cancelled with its request
                 continue
             if now > turn.deadline:  # its expiry is due but has not run yet: shed
