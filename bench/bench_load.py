@@ -34,6 +34,7 @@ import resource
 import runpy
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -97,17 +98,24 @@ def cpu_seconds(process) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
 
 
-def own_cpu_seconds() -> float:
+def cpu_now(stack: dict) -> dict:
+    """CPU seconds so far of each part (the load generator: this process) and the monotonic time they were read."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    parts = {name: cpu_seconds(process) for name, process in stack["processes"].items()}
+    return {**parts, "load generator": usage.ru_utime + usage.ru_stime, "at": time.monotonic()}
 
 
 def measure(stack: dict, photos, seconds: float, *, clients: int = 0, rate: float = 0.0) -> dict:
     """One run of a row: a closed loop of `clients`, or an open loop at `rate`, for `seconds`; with the CPU each
     part used and the successful requests' latencies and gateway timings, for combine()."""
     started = time.monotonic()
-    before = {name: cpu_seconds(process) for name, process in stack["processes"].items()}
-    generator = own_cpu_seconds()
+    before = cpu_now(stack)
+    # The CPU each part used is read again when the window closes, not when the run returns: after the window the
+    # run waits for its last answers (up to a budget for held refusals) while the machine idles, which would
+    # dilute the row's figures.
+    after: dict = {}
+    window = threading.Timer(seconds, lambda: after.update(cpu_now(stack)))
+    window.start()
     summary = loadtest.run(
         stack["url"],
         photos,
@@ -119,17 +127,17 @@ def measure(stack: dict, photos, seconds: float, *, clients: int = 0, rate: floa
         seed=clients or 7,
         detail=True,
     )
-    elapsed = time.monotonic() - started
-    cores = {name: (cpu_seconds(process) - before[name]) / elapsed for name, process in stack["processes"].items()}
-    cores["load generator"] = (own_cpu_seconds() - generator) / elapsed
-    window = [o for o in summary.outcomes if o.finished <= started + seconds]
+    window.join()
+    elapsed = after["at"] - before["at"]
+    cores = {name: (after[name] - before[name]) / elapsed for name in before if name != "at"}
+    finished = [o for o in summary.outcomes if o.finished <= started + seconds]
     d = summary.as_dict()
     return {
         "mode": "closed" if clients else "open",
         "clients": clients,
         "rate": rate,
         "cores": cores,
-        "goodput": sum(o.status == 200 for o in window) / seconds,
+        "goodput": sum(o.status == 200 for o in finished) / seconds,
         "sent": d["sent"],
         "shed": d["shed"],
         "no_answer": d["no_answer"],
@@ -327,7 +335,7 @@ def report(results: dict, image: str) -> str:
         "",
         f'Capacity (best closed-loop goodput): **{results["capacity"]:.1f} requests/s**. "waited" and "worked" are '
         "the gateway's own timings of the successful requests (?detail=1): the wait for an admission slot, then the "
-        "work. CPU is cores used by each part during the row (2 cores in all).",
+        "work. CPU is cores used by each part during the row's measured window (2 cores in all).",
         "",
         markdown_table(
             [
