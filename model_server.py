@@ -57,6 +57,21 @@ DEFAULT_MAX_REQUESTS = 32
 SPARE_GRPC_THREADS = 8
 
 
+def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """TF Serving's --tensorflow_intra_op_parallelism and --tensorflow_inter_op_parallelism: threads for one
+    operation, and for independent operations at once; 0 leaves TensorFlow's choice (about one per core). Set
+    before TensorFlow runs anything."""
+    import tensorflow as tf
+
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError as e:  # TensorFlow already ran in this process: its thread pools are fixed
+        raise StartupError(f"cannot set TensorFlow's threads: {e}") from e
+
+
 class ModelServer:
     """The model, the gRPC and REST servers, and their orderly start and stop."""
 
@@ -68,6 +83,7 @@ class ModelServer:
                 f"Model base path {base_path} is not a directory. It should hold numbered SavedModel versions "
                 f"(<base>/1/saved_model.pb); for the course model run `make model` first, or pass --model_base_path."
             )
+        set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
         self.health = health.HealthServicer()
         self.models = ModelManager(args.model_name, base_path, args.file_system_poll_wait_seconds, self._serving)
         self.batcher = None
@@ -238,6 +254,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="gRPC server arguments as TF Serving takes them, e.g. grpc.max_connection_age_ms=60000 (comma-separated)",
     )
     parser.add_argument(
+        "--tensorflow_intra_op_parallelism",
+        type=int,
+        default=0,
+        help="threads that one operation of the model may use; 0: TensorFlow's choice, about one per core. With "
+        "several requests at once, 1 can serve more of them (see the README) (%(default)s)",
+    )
+    parser.add_argument(
+        "--tensorflow_inter_op_parallelism",
+        type=int,
+        default=0,
+        help="threads for independent operations at once; 0: TensorFlow's choice (%(default)s)",
+    )
+    parser.add_argument(
         "--rest_api_max_request_bytes",
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -256,6 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model_base_path = os.path.join(env_base, args.model_name) if env_base else str(ROOT / MODEL_BASE_PATH)
     if args.grpc_max_threads is None:
         args.grpc_max_threads = max(args.max_concurrent_requests, 16) + SPARE_GRPC_THREADS
+    for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 (TensorFlow's choice) or more")
     if args.batching_parameters_file and not args.enable_batching:
         parser.error("--batching_parameters_file needs --enable_batching")
     return args

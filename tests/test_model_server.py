@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -663,3 +665,33 @@ def test_flags_and_environment_as_tf_serving(monkeypatch):
         model_server.parse_args(["--grpc_channel_arguments=no-equals-sign"])
     args = model_server.parse_args(["--max_concurrent_requests=40"])
     assert args.grpc_max_threads == 40 + model_server.SPARE_GRPC_THREADS
+
+
+TF_THREADS = """
+import model_server, tensorflow as tf
+from serving.errors import StartupError
+model_server.set_tensorflow_threads(1, 2)
+tf.constant(1.0) + 1  # TensorFlow runs: its thread pools are made now
+print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+try:
+    model_server.set_tensorflow_threads(2, 0)
+except StartupError as e:
+    print(e)
+"""
+
+
+def test_tensorflow_threads_as_tf_serving():
+    # TF Serving's thread flags; 0 (the default) leaves TensorFlow's choice.
+    args = model_server.parse_args(["--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=2"])
+    assert (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) == (1, 2)
+    assert model_server.parse_args([]).tensorflow_intra_op_parallelism == 0
+    with pytest.raises(SystemExit):
+        model_server.parse_args(["--tensorflow_intra_op_parallelism=-1"])
+    # Set before TensorFlow runs, in a process of its own (TensorFlow already ran in this one); once it ran, a
+    # clear start-up error instead of a setting silently ignored.
+    run = subprocess.run(
+        [sys.executable, "-c", TF_THREADS], cwd=ROOT, capture_output=True, text=True, timeout=180, check=True
+    )
+    lines = run.stdout.splitlines()
+    assert lines[0] == "1 2", run.stderr[-2000:]
+    assert lines[1].startswith("cannot set TensorFlow's threads:"), run.stdout
