@@ -34,6 +34,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import tensorflow as tf
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from werkzeug.serving import make_server
@@ -61,8 +62,6 @@ def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
     """TF Serving's --tensorflow_intra_op_parallelism and --tensorflow_inter_op_parallelism: threads for one
     operation, and for independent operations at once; 0 leaves TensorFlow's choice (about one per core). Set
     before TensorFlow runs anything."""
-    import tensorflow as tf
-
     try:
         if intra_op:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op)
