@@ -5,470 +5,42 @@
 # %% notebooks/02-tf-serving-connect.ipynb, cell "imports"
 """The clothing gateway: an image in (URL, upload or base64), ten class scores out, via TF Serving's gRPC API.
 
-Run it with `gunicorn --config gunicorn.conf.py gateway:app`. See notebooks/02-tf-serving-connect.ipynb
-for the story; this module is that notebook's `gateway` cells.
+Run it with `gunicorn --config gunicorn.conf.py gateway:app`. This module is notebook 02's `gateway` cells: the
+course's steps (preprocess, predict, postprocess) and the Flask app. The production parts it imports live in
+gateway_parts/ (notebook 04 explains them).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import collections
-import io
-import json
-import logging
-import math
-import os
-import re
-import sys
-import threading
 import time
-import uuid
-from concurrent import futures
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import grpc
 import numpy as np
-from flask import Flask, Response, g, jsonify, request
-from PIL import Image, ImageOps, UnidentifiedImageError
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 
-import contract
-import protobuf
-from contract import (
-    CLASSES,
-    DEFAULT_TF_SERVING_HOST,
-    IMAGE_SIZE,
-    MODEL_NAME,
-    SIGNATURE_NAME,
-    TF_SERVING_HOST_ENV,
-    UINT8_SIGNATURE_NAME,
-)
-from safe_fetch import FetchError, FetchPolicy, fetch_image
-
-log = logging.getLogger("gateway")
-
-
-# %% notebooks/02-tf-serving-connect.ipynb, cell "settings"
-def _env_number(environ, name, default, kind=float, minimum=0):
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a {kind.__name__}; unset it or give a number") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
-# GATEWAY_WIRE: "auto" sends uint8 pixels to the model's UINT8_SIGNATURE_NAME signature when it has one, else
-# float32 to MODEL_SIGNATURE; "float32" always sends the course's tensor; "uint8" requires the pixel signature.
-WIRES = ("auto", "float32", "uint8")
-
-# Settings of earlier versions, with what took their place: set, they would silently do nothing.
-_REPLACED_SETTINGS = {
-    "GATEWAY_MAX_WAITING": "the queue is bounded by time now; set GATEWAY_QUEUE_BUDGET (seconds) instead",
-    "GATEWAY_QUEUE_TIMEOUT": "set GATEWAY_QUEUE_BUDGET (seconds a request may wait, from its arrival) instead",
-    "GATEWAY_THREADS": "waiting requests hold no thread now; GATEWAY_MAX_INFLIGHT threads per worker do the work",
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the gateway can be told, read once from the environment."""
-
-    tf_serving_host: str = DEFAULT_TF_SERVING_HOST
-    model_name: str = MODEL_NAME
-    signature_name: str = SIGNATURE_NAME
-    input_name: str = ""  # empty: discovered from the model server's metadata
-    output_name: str = ""
-    wire: str = "auto"  # what goes to the model: uint8 pixels when it has UINT8_SIGNATURE_NAME (auto), or float32
-    predict_timeout: float = 10.0  # seconds; the deadline of every Predict call
-    max_images: int = 16  # per request, sent to the model as one batch
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 50_000_000  # decoded size limit (a 50-megapixel photo); bigger is refused
-    jpeg_draft: bool = True  # decode large JPEGs at a reduced scale (see the measurement in the README)
-    max_inflight: int = 4  # requests doing work at once in one process (its threads); the others wait in order
-    queue_budget: float = 1.0  # seconds from arrival a request may wait for a slot; past that it is shed (503)
-    fetch: FetchPolicy = field(default_factory=FetchPolicy)
-
-    @classmethod
-    def from_env(cls, environ=os.environ):
-        for old, new in _REPLACED_SETTINGS.items():
-            if environ.get(old):
-                raise ValueError(f"{old} is no longer read: {new}")
-        wire = (environ.get("GATEWAY_WIRE") or cls.wire).lower()
-        if wire not in WIRES:
-            raise ValueError(f"GATEWAY_WIRE={environ['GATEWAY_WIRE']!r}: choose one of {', '.join(WIRES)}")
-        return cls(
-            tf_serving_host=environ.get(TF_SERVING_HOST_ENV) or DEFAULT_TF_SERVING_HOST,
-            model_name=environ.get("MODEL_NAME") or MODEL_NAME,
-            signature_name=environ.get("MODEL_SIGNATURE") or SIGNATURE_NAME,
-            input_name=environ.get("MODEL_INPUT", ""),
-            output_name=environ.get("MODEL_OUTPUT", ""),
-            wire=wire,
-            predict_timeout=_env_number(environ, "PREDICT_TIMEOUT_SECONDS", cls.predict_timeout, minimum=0.01),
-            max_images=_env_number(environ, "GATEWAY_MAX_IMAGES", cls.max_images, int, minimum=1),
-            max_request_bytes=_env_number(environ, "GATEWAY_MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1),
-            max_image_pixels=_env_number(environ, "GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
-            jpeg_draft=environ.get("GATEWAY_JPEG_DRAFT", "1").lower() not in ("0", "false", "no", "off"),
-            max_inflight=_env_number(environ, "GATEWAY_MAX_INFLIGHT", cls.max_inflight, int, minimum=1),
-            queue_budget=_env_number(environ, "GATEWAY_QUEUE_BUDGET", cls.queue_budget),
-            fetch=FetchPolicy.from_env(environ),
-        )
-
-
-# %% notebooks/02-tf-serving-connect.ipynb, cell "errors"
-class GatewayError(Exception):
-    """A failure with the HTTP status and machine-readable code the client gets."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def model_error(error: grpc.RpcError, target: str) -> GatewayError:
-    """A gRPC failure of the model tier as the gateway's answer."""
-    status, details = error.code(), error.details() or ""
-    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return GatewayError(504, "model_timeout", f"the model server at {target} did not answer in time")
-    if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        return GatewayError(
-            503,
-            "model_unavailable",
-            f"the model server at {target} is unavailable ({details}); retry shortly",
-            {"Retry-After": "1"},
-        )
-    return GatewayError(502, "model_error", f"the model server at {target} answered {status.name}: {details}")
+from contract import CLASSES, IMAGE_SIZE
+from gateway_parts import documents
+from gateway_parts.errors import GatewayError, answer_errors_as_json
+from gateway_parts.fetching import fetch_all
+from gateway_parts.front import Front
+from gateway_parts.images import decode_image, scale, to_rgb
+from gateway_parts.intake import images_in_request, request_id
+from gateway_parts.metrics import IMAGES, INFLIGHT, REQUESTS, STAGE_SECONDS, metrics_payload
+from gateway_parts.model_client import ModelClient, Prediction
+from gateway_parts.settings import Settings
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "preprocess"
-Image.MAX_IMAGE_PIXELS = None  # the gateway checks the pixel count itself, with its own limit and error
-_DRAFT_FACTOR = 2  # a draft-decoded JPEG stays at least this many times the target size
-
-
-def decode_image(data: bytes, settings: Settings) -> Image.Image:
-    """Open image bytes, refusing what is not an image or is too large to decode."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise GatewayError(415, "unsupported_media_type", "the data is not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as error:  # an image type, but a broken header
-        raise GatewayError(422, "undecodable_image", f"the image could not be decoded: {error}") from None
-    width, height = image.size
-    if width * height > settings.max_image_pixels:
-        raise GatewayError(
-            413,
-            "image_too_large",
-            f"the image is {width}x{height} ({width * height:,} pixels); the limit is {settings.max_image_pixels:,}",
-        )
-    if settings.jpeg_draft and image.format == "JPEG":
-        target = (IMAGE_SIZE[0] * _DRAFT_FACTOR, IMAGE_SIZE[1] * _DRAFT_FACTOR)
-        image.draft(image.mode, target)
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as error:
-        raise GatewayError(422, "undecodable_image", f"the image could not be decoded: {error}") from None
-    return image
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright, first frame, 8-bit RGB; transparent pixels laid on white."""
-    ImageOps.exif_transpose(image, in_place=True)  # turns only when the EXIF tag says so; no copy otherwise
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and wider grayscale: scale to 8 bits instead of clipping everything above 255 to white.
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def pixels(data: bytes, settings: Settings) -> np.ndarray:
     """Image bytes as one 299x299x3 uint8 array: the RGB pixels the model sees, before any scaling."""
-    image = to_rgb(decode_image(data, settings))
+    image = to_rgb(decode_image(data, settings.max_image_pixels, settings.jpeg_draft))
     return np.asarray(image.resize(IMAGE_SIZE, Image.NEAREST), dtype=np.uint8)
 
 
-def scale(values: np.ndarray) -> np.ndarray:
-    """Xception's scaling of uint8 pixels to float32 in [-1, 1]: what the course's signature takes."""
-    return values.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
 def preprocess(data: bytes, settings: Settings) -> np.ndarray:
-    """Image bytes as one 299x299x3 float32 array scaled to [-1, 1], as Xception expects."""
+    """Image bytes as one 299x299x3 float32 array scaled to [-1, 1] (x / 127.5 - 1), as Xception expects."""
     return scale(pixels(data, settings))
-
-
-# %% notebooks/02-tf-serving-connect.ipynb, cell "predict"
-_CHANNEL_OPTIONS = [
-    ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_timeout_ms", 5000),
-]
-# After UNAVAILABLE, how long one more try may wait for a connection (within the request's deadline).
-_RECONNECT_WAIT = 2.0
-
-
-@dataclass
-class Prediction:
-    logits: np.ndarray  # images x classes
-    model_version: int
-    signature: str = SIGNATURE_NAME
-    wire: str = "float32"
-
-
-# A signature's input dtype (TensorFlow's DataType numbers), as the gateway sends it.
-_WIRE_OF_DTYPE = {protobuf.DT_FLOAT: "float32", protobuf.DT_UINT8: "uint8"}
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a batch of pixels goes: the signature, its tensor names, and what it takes on the wire."""
-
-    signature: str
-    input_name: str
-    output_name: str
-    wire: str  # "uint8": the pixels as they are (268,203 bytes an image); "float32": scaled first (1,072,812)
-    discovered: bool = True  # asked of the model server; False: all of it from the settings
-
-    def tensor(self, batch: np.ndarray):
-        """The batch as this signature takes it: uint8 pixels as they are, or scaled to float32 (once)."""
-        if self.wire == "float32" and batch.dtype == np.uint8:
-            batch = scale(batch)
-        return protobuf.np_to_protobuf(batch)
-
-    def describe(self) -> str:
-        return f"to signature {self.signature}: {self.input_name} ({self.wire}) -> {self.output_name}"
-
-
-class ModelClient:
-    """The model tier behind one reused gRPC channel."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.target = settings.tf_serving_host
-        self.channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
-        self._predict = self._method(protobuf.PREDICT_METHOD, protobuf.PredictRequest, protobuf.PredictResponse)
-        self._metadata = self._method(
-            protobuf.METADATA_METHOD, protobuf.GetModelMetadataRequest, protobuf.GetModelMetadataResponse
-        )
-        self._status = self._method(
-            protobuf.STATUS_METHOD, protobuf.GetModelStatusRequest, protobuf.GetModelStatusResponse
-        )
-        self._route: Route | None = None
-        self._route_lock = threading.Lock()
-        self._unavailable_at = float("-inf")  # when a reconnect wait last ended without a connection
-
-    def _method(self, path, request_type, response_type):
-        return self.channel.unary_unary(
-            path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
-        )
-
-    def _call(self, method, message, timeout: float):
-        """One RPC with a deadline. A channel that is between reconnect attempts (a model server that just
-        started or restarted) fails calls at once; so after UNAVAILABLE, try once more, waiting for the
-        connection for up to _RECONNECT_WAIT seconds. If that fails too, the first error stands (503), and
-        for the next _RECONNECT_WAIT seconds calls fail at once: the model tier is down, not reconnecting."""
-        started = time.monotonic()
-        try:
-            return method(message, timeout=timeout)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            wait = min(started + timeout - time.monotonic(), _RECONNECT_WAIT)
-            if wait <= 0 or time.monotonic() - self._unavailable_at < _RECONNECT_WAIT:
-                raise
-            try:
-                return method(message, timeout=wait, wait_for_ready=True)
-            except grpc.RpcError as retry_error:
-                if retry_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self._unavailable_at = time.monotonic()
-                    raise error from None
-                raise
-
-    def _spec(self, message, signature: str = ""):
-        message.model_spec.name = self.settings.model_name
-        message.model_spec.signature_name = signature or self.settings.signature_name
-        return message
-
-    def tensor_names(self) -> tuple[str, str]:
-        """(input, output) names of the signature that pixels are sent to."""
-        route = self.route(np.uint8)
-        return route.input_name, route.output_name
-
-    def route(self, dtype=np.uint8) -> Route:
-        """Where a batch of `dtype` goes. uint8 pixels go to UINT8_SIGNATURE_NAME when the model has it (and
-        GATEWAY_WIRE is not float32), else they are scaled and go to MODEL_SIGNATURE; float32 batches (already
-        scaled, as notebook 02's cells make them) always go to MODEL_SIGNATURE."""
-        chosen = self._choose(self._routes(), dtype)
-        if isinstance(chosen, str):
-            raise GatewayError(502, "model_error", chosen)
-        return chosen
-
-    def _choose(self, routes: dict, dtype) -> Route | str:
-        """The route for `dtype` out of _routes(), or why there is none."""
-        wire = self.settings.wire
-        if np.dtype(dtype) == np.uint8 and wire != "float32":
-            pixels_in = routes.get("uint8")
-            if isinstance(pixels_in, Route) or wire == "uint8":
-                return pixels_in
-        return routes["float32"]
-
-    def _routes(self) -> dict:
-        """{"float32": Route or why not, "uint8": Route or why not}: from the settings when they name both tensors
-        (nothing is asked then: float32, or uint8 too if GATEWAY_WIRE=uint8), else from the model's metadata
-        (GetModelMetadata, asked once, and again when a call says the model changed)."""
-        settings = self.settings
-        if settings.input_name and settings.output_name:
-            names = (settings.input_name, settings.output_name)
-            routes = {"float32": Route(settings.signature_name, *names, "float32", discovered=False)}
-            if settings.wire == "uint8":
-                routes["uint8"] = Route(UINT8_SIGNATURE_NAME, *names, "uint8", discovered=False)
-            return routes
-        with self._route_lock:
-            if self._route is None:
-                self._route = self._discover()
-            return self._route
-
-    def _forget_route(self, route: Route) -> None:
-        """After a call that says the model changed: ask again, unless another request already has."""
-        with self._route_lock:
-            if self._route is not None and route in self._route.values():
-                self._route = None
-
-    def _discover(self) -> dict:
-        request = self._spec(protobuf.GetModelMetadataRequest())
-        request.metadata_field.append("signature_def")
-        try:
-            response = self._call(self._metadata, request, self.settings.predict_timeout)
-        except grpc.RpcError as error:
-            raise model_error(error, self.target) from None
-        signatures = protobuf.SignatureDefMap.FromString(response.metadata["signature_def"].value).signature_def
-        model, has = self.settings.model_name, sorted(signatures)
-        routes = {}
-        name = self.settings.signature_name
-        if name in signatures:
-            routes["float32"] = self._route_to(name, signatures[name], "float32")
-        else:
-            routes["float32"] = f"model {model!r} has no signature {name!r} (it has {has}); set MODEL_SIGNATURE"
-        pixels_in = signatures.get(UINT8_SIGNATURE_NAME)
-        if pixels_in is not None:
-            routes["uint8"] = self._route_to(UINT8_SIGNATURE_NAME, pixels_in, "uint8")
-        elif self.settings.wire == "uint8":
-            routes["uint8"] = (
-                f"GATEWAY_WIRE=uint8, but model {model!r} has no signature {UINT8_SIGNATURE_NAME!r} (it has {has}): "
-                "export it with notebook 01 (make model), or set GATEWAY_WIRE=auto to fall back to float32"
-            )
-        chosen = self._choose(routes, np.uint8)
-        log.info("model %s: images go %s", model, chosen if isinstance(chosen, str) else chosen.describe())
-        return routes
-
-    def _route_to(self, name: str, signature, wire: str) -> Route | str:
-        """The route to a signature that takes `wire`, or why it cannot be used."""
-        inputs, outputs = list(signature.inputs), list(signature.outputs)
-        input_name = self.settings.input_name or (inputs[0] if len(inputs) == 1 else "")
-        output_name = self.settings.output_name or (outputs[0] if len(outputs) == 1 else "")
-        if not input_name or not output_name:
-            return f"signature {name!r} has inputs {inputs} and outputs {outputs}; set MODEL_INPUT and MODEL_OUTPUT"
-        if input_name not in signature.inputs:
-            return f"signature {name!r} has no input {input_name!r} (it has {inputs})"
-        dtype = signature.inputs[input_name].dtype
-        if _WIRE_OF_DTYPE.get(dtype) != wire:
-            return f"signature {name!r} takes {input_name!r} as TensorFlow DataType {dtype}, not {wire}"
-        return Route(name, input_name, output_name, wire)
-
-    def predict(self, batch: np.ndarray) -> Prediction:
-        """Classify a batch of images x 299 x 299 x 3: uint8 pixels, sent as the model's signature takes them, or
-        float32 already scaled (to MODEL_SIGNATURE).
-        If the model changed under the gateway (a new version without that signature, other names), the
-        metadata is asked again and the call made once more, within the same deadline."""
-        started = time.monotonic()
-        route = self.route(batch.dtype)
-        try:
-            response = self._predict_on(route, batch, self.settings.predict_timeout)
-        except grpc.RpcError as error:
-            changed = error.code() in (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            )
-            left = self.settings.predict_timeout - (time.monotonic() - started)
-            if not (changed and route.discovered and left > 0):
-                raise model_error(error, self.target) from None
-            self._forget_route(route)
-            log.warning("model %s answered %s: asking its metadata again", self.settings.model_name, error.code().name)
-            retried = self.route(batch.dtype)
-            if retried == route:
-                raise model_error(error, self.target) from None
-            try:
-                response = self._predict_on(retried, batch, left)
-            except grpc.RpcError as retry_error:
-                raise model_error(retry_error, self.target) from None
-            route = retried
-        if route.output_name not in response.outputs:
-            raise GatewayError(502, "model_error", f"the model's answer has no output {route.output_name!r}")
-        logits = protobuf.protobuf_to_np(response.outputs[route.output_name])
-        if logits.shape != (len(batch), len(CLASSES)):
-            raise GatewayError(
-                502,
-                "model_error",
-                f"the model answered shape {list(logits.shape)} for {len(batch)} images; expected "
-                f"[{len(batch)}, {len(CLASSES)}] (one score per class: {', '.join(CLASSES)})",
-            )
-        return Prediction(
-            logits=logits.astype(np.float32),
-            model_version=response.model_spec.version.value,
-            signature=route.signature,
-            wire=route.wire,
-        )
-
-    def predict_request(self, route: Route, batch: np.ndarray):
-        """The PredictRequest that carries `batch` along `route`: what goes on the wire."""
-        request = self._spec(protobuf.PredictRequest(), route.signature)
-        request.inputs[route.input_name].CopyFrom(route.tensor(batch))
-        request.output_filter.append(route.output_name)
-        return request
-
-    def _predict_on(self, route: Route, batch: np.ndarray, timeout: float):
-        return self._call(self._predict, self.predict_request(route, batch), timeout)
-
-    def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
-        """Whether the model server has a version of the model AVAILABLE, and a word on why not."""
-        try:
-            response = self._status(self._spec(protobuf.GetModelStatusRequest()), timeout=timeout)
-        except grpc.RpcError as error:
-            return False, f"{self.target}: {error.code().name} {error.details() or ''}".strip()
-        states = {
-            s.version: protobuf.MODEL_STATE_NAMES.get(s.state, str(s.state)) for s in response.model_version_status
-        }
-        available = [v for v, state in states.items() if state == "AVAILABLE"]
-        if available:
-            return True, f"version {max(available)} AVAILABLE"
-        return False, f"no version AVAILABLE: {states or 'none loaded'}"
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "postprocess"
@@ -487,695 +59,127 @@ def detailed_answer(logits: np.ndarray, top_k: int) -> dict:
     }
 
 
-# %% notebooks/02-tf-serving-connect.ipynb, cell "metrics"
-_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-REQUESTS = Counter("gateway_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
-ERRORS = Counter("gateway_errors_total", "Failed requests by error code", ["code"])
-IMAGES = Counter("gateway_images_total", "Images classified")
-STAGE_SECONDS = Histogram(
-    "gateway_stage_seconds",
-    "Time per request stage (queue, fetch, preprocess, predict, total)",
-    ["stage"],
-    buckets=_STAGE_BUCKETS,
-)
-INFLIGHT = Gauge("gateway_inflight_requests", "Requests being worked on", multiprocess_mode="livesum")
-WAITING = Gauge("gateway_waiting_requests", "Requests waiting for a slot (admission)", multiprocess_mode="livesum")
+def postprocess(prediction: Prediction, detail: bool, top_k: int) -> list[dict]:
+    """One answer per image, in the order they came."""
+    return [detailed_answer(row, top_k) if detail else course_answer(row) for row in prediction.logits]
 
 
-# prometheus_client picks file-backed values at import when PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py sets
-# it for the workers); reading them back must follow the same choice, made once, here.
-_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# %% notebooks/02-tf-serving-connect.ipynb, cell "classify"
+def timed(stage: str, started: float, ended: float | None = None) -> float:
+    """Milliseconds from `started` to `ended` (default: now), also observed in the stage's histogram."""
+    elapsed = (time.perf_counter() if ended is None else ended) - started
+    STAGE_SECONDS.labels(stage).observe(elapsed)
+    return round(elapsed * 1000, 2)
 
 
-def metrics_payload() -> bytes:
-    """All workers' metrics when gunicorn runs several (PROMETHEUS_MULTIPROC_DIR), else this process's."""
-    if _MULTIPROCESS:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
+def classify(items, settings: Settings, client: ModelClient, timings: dict) -> Prediction:
+    """The request's images (from images_in_request) fetched, preprocessed and predicted as one batch."""
+    started = time.perf_counter()
+    payloads = fetch_all(items, settings.fetch)
+    timings["fetch"] = timed("fetch", started)
+    started = time.perf_counter()
+    batch = np.stack([pixels(data, settings) for data in payloads])  # uint8; scaled only if sent as float32
+    timings["preprocess"] = timed("preprocess", started)
+    started = time.perf_counter()
+    prediction = client.predict(batch)
+    timings["predict"] = timed("predict", started)
+    IMAGES.inc(len(batch))
+    return prediction
 
 
-# %% notebooks/02-tf-serving-connect.ipynb, cell "intake"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# %% notebooks/02-tf-serving-connect.ipynb, cell "predict-route"
+api = Blueprint("gateway", __name__)
 
 
-def _b64_image(value, where: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise GatewayError(400, "invalid_request", f"{where} must be a non-empty base64 string")
-    if value.startswith("data:"):
-        _, comma, value = value.partition(",")
-        if not comma:
-            raise GatewayError(400, "invalid_request", f"{where} is a data URL without the ',' before its base64 data")
+def gateway_state() -> tuple[Settings, ModelClient]:
+    """The settings and model client of the app serving this request (create_app keeps them there)."""
+    state = current_app.extensions["gateway"]
+    return state["settings"], state["client"]
+
+
+def answer_options() -> tuple[bool, int]:
+    """?detail=1 and top_k=N (1 to 10, default 3), checked."""
+    detail = request.args.get("detail", "0") not in ("0", "", "false")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise GatewayError(400, "invalid_request", f"{where} is not valid base64") from None
+        top_k = int(request.args.get("top_k", "3"))
+    except ValueError:
+        raise GatewayError(400, "invalid_request", "top_k must be a whole number from 1 to 10") from None
+    if not 1 <= top_k <= len(CLASSES):
+        raise GatewayError(400, "invalid_request", f"top_k must be from 1 to {len(CLASSES)}")
+    return detail, top_k
 
 
-def _url(value, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise GatewayError(400, "invalid_request", f"{where} must be a non-empty string (an http or https URL)")
-    return value
-
-
-def images_in_request(settings: Settings) -> list[tuple[str, object]]:
-    """The request's images as (kind, value): ("url", str) or ("bytes", bytes), in order."""
-    if request.files:
-        items = [("bytes", f.read()) for f in request.files.values()]
-    elif request.mimetype and request.mimetype.startswith("image/"):
-        items = [("bytes", request.get_data())]
-    else:
-        try:
-            body = request.get_json(silent=True)
-        except RecursionError:  # the JSON parser recurses per nesting level; silent=True does not cover it
-            raise GatewayError(400, "invalid_request", "the JSON body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise GatewayError(
-                400,
-                "invalid_request",
-                'send JSON like {"url": "https://…/photo.jpg"} or {"image": "<base64>"}, or upload the image file',
-            )
-        known = {"url", "urls", "image", "images"}
-        if unknown := sorted(set(body) - known):
-            raise GatewayError(400, "invalid_request", f"unknown field(s) {unknown}; use url, urls, image or images")
-        items = []
-        if "url" in body:
-            items.append(("url", _url(body["url"], "url")))
-        if "image" in body:
-            items.append(("bytes", _b64_image(body["image"], "image")))
-        for name, kind in (("urls", "url"), ("images", "bytes")):
-            if name in body:
-                if not isinstance(body[name], list):
-                    raise GatewayError(400, "invalid_request", f"{name} must be a list")
-                parse = _url if kind == "url" else _b64_image
-                items.extend((kind, parse(v, f"{name}[{i}]")) for i, v in enumerate(body[name]))
-    if not items:
-        raise GatewayError(400, "invalid_request", "the request holds no image")
-    if len(items) > settings.max_images:
-        raise GatewayError(
-            413, "too_many_images", f"{len(items)} images in one request; the limit is {settings.max_images}"
-        )
-    return items
-
-
-# %% notebooks/02-tf-serving-connect.ipynb, cell "openapi"
-def _openapi() -> dict:
-    error = {"$ref": "#/components/schemas/Error"}
-    errors = {
-        str(code): {"description": text, "content": {"application/json": {"schema": error}}}
-        for code, text in [
-            (400, "invalid request, URL or address"),
-            (413, "too large or too many images"),
-            (415, "not an image"),
-            (422, "the URL could not be fetched or the image decoded"),
-            (502, "the model tier answered wrongly"),
-            (503, "the model tier is down or the gateway is overloaded"),
-            (504, "the model tier did not answer in time"),
-        ]
-    }
-    answer = {"type": "object", "additionalProperties": {"type": "number"}, "description": "{class: logit}"}
-    batch = {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array"}}}
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "clothing gateway",
-            "version": "1.0.0",
-            "description": "Classifies clothing photos with the model behind TF Serving's gRPC API.",
-        },
-        "paths": {
-            "/predict": {
-                "post": {
-                    "summary": "Classify one or more images",
-                    "parameters": [
-                        {
-                            "name": "detail",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["0", "1"]},
-                            "description": "1: probabilities, top classes, model version and timings",
-                        },
-                        {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10}},
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "url": {"type": "string", "format": "uri"},
-                                        "urls": {"type": "array", "items": {"type": "string", "format": "uri"}},
-                                        "image": {"type": "string", "format": "byte"},
-                                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                                    },
-                                }
-                            },
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"image": {"type": "string", "format": "binary"}},
-                                }
-                            },
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "{class: logit} for one image; "
-                            '{"predictions": [...]} for several or with detail=1',
-                            "content": {"application/json": {"schema": {"oneOf": [answer, batch]}}},
-                        },
-                        **errors,
-                    },
-                }
-            },
-            "/": {
-                "get": {
-                    "summary": "A page to try the classifier in a browser (it calls POST /predict?detail=1)",
-                    "responses": {"200": {"description": "the page", "content": {"text/html": {}}}},
-                }
-            },
-            "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
-            "/readyz": {
-                "get": {
-                    "summary": "The model server answers and the model is AVAILABLE",
-                    "responses": {"200": {"description": "ready"}, "503": errors["503"]},
-                }
-            },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
-        },
-        "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                        }
-                    },
-                }
-            }
-        },
-    }
-
-
-# %% notebooks/02-tf-serving-connect.ipynb, cell "admission"
-class _Turn:
-    """A request waiting for a slot: its deadline, and the future that gets the time its slot was granted (or
-    None: shed)."""
-
-    __slots__ = ("deadline", "future")
-
-    def __init__(self, deadline: float, future: asyncio.Future):
-        self.deadline, self.future = deadline, future
-
-
-class Admission:
-    """Admission by queueing delay, per process, in its event loop (no locks: one thread runs it). At most `limit`
-    requests work at once; the others wait, each for at most `budget` seconds from its arrival, and one that cannot
-    start within its budget is shed (503 with Retry-After). Whether it can is predicted when it arrives, from the
-    recent time a request holds a slot: a request that would wait too long is refused without taking a place in the
-    queue, and one admitted to wait is still shed if its budget runs out. A finished request hands its slot straight
-    to a waiter: the oldest, or under overload the newest. Overload is when at least OVERLOAD_SHARE of the requests
-    that arrived in the last one to two budgets were refused on arrival (the queue was full). Then the queue is also
-    kept short: a request is admitted to wait only if it can start within OVERLOAD_BUDGET_SHARE of the budget, and
-    the oldest waiters past that are shed when a slot is handed on. Under overload the slots stay busy with any
-    queue, long or short, in any order; so the queue's length and order decide only how long the served requests
-    wait: in a full queue in arrival order every one would wait the whole budget. (Waiters shed on the way are not
-    counted as refusals: the order and the short queue made them.) A few refusals do not make overload: a queue
-    near its budget but not over it, like a closed loop of clients a few times the slots, refuses one now and
-    then, and newest first would starve its oldest waiters until their budget ran out. A waiting request is a
-    suspended coroutine: it holds no thread, only its body, and the waiters' bodies together stay within
-    `max_waiting_bytes` (0: no limit); past that, a request that would wait is shed. `gauge` (optional) counts the
-    waiters."""
-
-    # A tenth: about what a queue fed at its capacity refuses (3-11% at 1x in bench-load runs here), far less than
-    # real overload refuses (half and more at 2x).
-    OVERLOAD_SHARE = 0.1
-    # Under overload, waiters start within a tenth of the budget: with arrivals at twice the capacity and more, a
-    # queue of 0.1 s keeps the slots as busy as one of 1 s (goodput alike in five A/B rounds here), and the served
-    # requests' p99 at 2x and 3x fell from 894-1,038 to 461-922 ms.
-    OVERLOAD_BUDGET_SHARE = 0.1
-
-    def __init__(self, limit: int, budget: float, max_waiting_bytes: int = 0, gauge=None):
-        self.limit, self.budget, self.max_waiting_bytes, self.gauge = limit, budget, max_waiting_bytes, gauge
-        self._working = 0
-        self._waiting: collections.deque[_Turn] = collections.deque()
-        self._waiting_bytes = 0
-        self._slot_seconds: float | None = None  # moving average of the time a request holds a slot
-        # Arrivals and refusals on arrival in this window of one budget and the one before it: [start, arrived,
-        # refused, arrived before, refused before].
-        self._counts = [time.perf_counter(), 0, 0, 0, 0]
-
-    def predicted_wait(self) -> float:
-        """Seconds a request arriving now would wait for a slot (0 while a slot is free)."""
-        if self._working < self.limit:
-            return 0.0
-        return (len(self._waiting) + 1) * (self._slot_seconds or 0.0) / self.limit
-
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def full(self, arrived: float, size: int = 0) -> bool:
-        """Whether a request that arrived at `arrived` (its body `size` bytes) would be refused now, without a
-        place in the queue: every slot is busy, and the queue ahead of it would keep it past its budget or its body
-        would not fit."""
-        if self._working < self.limit:
-            return False
-        if time.perf_counter() + self.predicted_wait() > arrived + self.wait_budget():
-            return True
-        return bool(self.max_waiting_bytes) and self._waiting_bytes + size > self.max_waiting_bytes
-
-    def refused(self) -> None:
-        """A request was refused on arrival (full() was true)."""
-        self._count(refused=True)
-
-    def wait_budget(self) -> float:
-        """The longest a request arriving now may wait for a slot: the budget, or its short share under overload."""
-        return self.budget * (self.OVERLOAD_BUDGET_SHARE if self.overloaded() else 1.0)
-
-    def overloaded(self) -> bool:
-        """Whether at least OVERLOAD_SHARE of the requests that arrived in the last one to two budgets were refused
-        on arrival: then the queue is short and served newest first."""
-        counts = self._roll(time.perf_counter())
-        refused, arrived = counts[2] + counts[4], counts[1] + counts[3]
-        return refused > 0 and refused >= self.OVERLOAD_SHARE * arrived
-
-    def _count(self, refused: bool) -> None:
-        counts = self._roll(time.perf_counter())
-        counts[1] += 1
-        counts[2] += refused
-
-    def _roll(self, now: float) -> list:
-        counts = self._counts
-        if now - counts[0] >= self.budget:
-            last = counts[1:3] if now - counts[0] < 2 * self.budget else [0, 0]
-            counts[:] = [now, 0, 0, *last]
-        return counts
-
-    async def enter(self, arrived: float, size: int = 0) -> float | None:
-        """Wait until this request (arrived at perf_counter() time `arrived`, its body `size` bytes) may work. The
-        perf_counter() time its slot was granted, or None: shed it. A slot is never granted past the budget."""
-        deadline = arrived + self.budget
-        now = time.perf_counter()
-        if self._working < self.limit:
-            self._working += 1
-            self._count(refused=False)
-            return now
-        if self.full(arrived, size):
-            self.refused()
-            return None
-        self._count(refused=False)
-        loop = asyncio.get_running_loop()
-        turn = _Turn(deadline, loop.create_future())
-        self._waiting.append(turn)
-        self._waiting_bytes += size
-        if self.gauge is not None:
-            self.gauge.inc()
-        expiry = loop.call_later(max(0.0, deadline - now), self._expire, turn)
-        try:
-            return await turn.future
-        except asyncio.CancelledError:  # the request was dropped while it waited: a slot it got goes on
-            if turn in self._waiting:
-                self._waiting.remove(turn)
-            elif turn.future.done() and not turn.future.cancelled() and turn.future.result() is not None:
-                self.leave()
-            raise
-        finally:
-            expiry.cancel()
-            self._waiting_bytes -= size
-            if self.gauge is not None:
-                self.gauge.dec()
-
-    def _expire(self, turn: _Turn) -> None:
-        if turn in self._waiting:
-            self._waiting.remove(turn)
-            turn.future.set_result(None)
-
-    def leave(self, held: float | None = None) -> None:
-        """The request that held a slot (for `held` seconds) is done: the slot goes to a waiter whose budget is not
-        spent yet (the oldest, or under overload the newest, after the oldest past the short queue are shed), or back
-        to the pool."""
-        if held is not None:
-            previous = self._slot_seconds
-            self._slot_seconds = held if previous is None else 0.8 * previous + 0.2 * held
-        now = time.perf_counter()
-        overloaded = self.overloaded()
-        if overloaded and self._slot_seconds:  # keep the waiters that can start within the short budget
-            keep = max(1, int(self.wait_budget() * self.limit / self._slot_seconds))
-            while len(self._waiting) > keep:
-                turn = self._waiting.popleft()
-                if not turn.future.done():
-                    turn.future.set_result(None)
-        while self._waiting:
-            turn = self._waiting.pop() if overloaded else self._waiting.popleft()
-            if turn.future.done():  # cancelled with its request
-                continue
-            if now > turn.deadline:  # its expiry is due but has not run yet: shed
-                turn.future.set_result(None)
-                continue
-            turn.future.set_result(now)
-            return
-        self._working -= 1
-
-
-# Threads per process for everything but POST /predict (the page, health, readiness, metrics): they never wait
-# behind predictions.
-_OTHER_THREADS = 4
-# Refusals answered at once, per process and second (a burst of up to _FAST_REFUSAL_BURST): at about 0.4 ms of CPU
-# each here, at most a tenth of a core. Past that rate, clients are asking again as soon as they are refused, or the
-# overload is extreme; then a refusal is answered when its budget is spent, so that a client that asks again at
-# once costs one refusal per budget, not one per 0.4 ms. Holding is not free either: measured here with every
-# request shed at 400/s, an answer held for 1 s cost 0.11 ms more CPU in the gateway and 0.06 ms more in the
-# client than one sent at once (more connections open at a time).
-_FAST_REFUSALS_PER_SECOND = 250.0
-_FAST_REFUSAL_BURST = 50.0
-# Shed requests whose answer waits for the end of their budget, per process; past that, refusals go out at once.
-_MAX_HELD_REFUSALS = 1024
-ACCESS_LOG = logging.getLogger("gateway.access")  # one line per request; gunicorn.conf.py sends it to the access log
-# The counters every shed request moves, looked up once.
-_SHED_ERRORS, _SHED_REQUESTS = ERRORS.labels("overloaded"), REQUESTS.labels("/predict", "503")
-
-
-class _ClientGone(Exception):
-    """The client closed the connection before its request was whole."""
-
-
-class Front:
-    """The ASGI app that gunicorn's uvicorn workers serve: HTTP is parsed and answered in an asyncio event loop,
-    admission runs there, and the Flask app (`create_app`) runs in threads, `GATEWAY_MAX_INFLIGHT` of them for
-    POST /predict. A request's body is read in full before it waits or works, so no thread ever waits on a
-    client; a request that is shed costs the loop a fraction of a millisecond and never reaches Flask.
-
-    Shed requests (503 overloaded, with Retry-After) are answered at once while they come at most 250 per second
-    per process; past that rate, when their budget is spent: a client that asks again as soon as it is refused
-    would otherwise loop on instant refusals, and that loop costs the CPU the served requests need. Holding every
-    refusal would stop that loop too, but a held answer costs more than one sent at once, which overload can least
-    afford. Waiting requests keep their bodies in memory, at most 2 x GATEWAY_MAX_REQUEST_BYTES of them per
-    process; past that, a new one is shed."""
-
-    def __init__(self, app: Flask):
-        self.app = app
-        self.settings: Settings = app.extensions["gateway"]["settings"]
-        s = self.settings
-        self.admission = Admission(s.max_inflight, s.queue_budget, 2 * s.max_request_bytes, gauge=WAITING)
-        self._predict = futures.ThreadPoolExecutor(s.max_inflight, thread_name_prefix="predict")
-        self._other = futures.ThreadPoolExecutor(_OTHER_THREADS, thread_name_prefix="http")
-        self._held_refusals = 0
-        self._fast = {"tokens": _FAST_REFUSAL_BURST, "at": time.perf_counter()}  # the budget of refusals sent at once
-        self._shed = {"count": 0, "logged": float("-inf")}  # shed requests since the last log line about them
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":  # gunicorn.conf.py turns the lifespan protocol off; websockets are not served
-            return
-        arrived = time.perf_counter()
-        length, request_id = _length_and_request_id(scope)
-        predict = scope["path"] == "/predict" and scope["method"] == "POST"
-        try:
-            body = await self._read_body(receive, length)
-        except _ClientGone:
-            return
-        if body is None:
-            status, answer_headers, answer = self._too_large(request_id, "/predict" if predict else "unmatched")
-        elif predict:
-            status, answer_headers, answer = await self._predict_request(scope, body, arrived, request_id)
-        else:
-            status, answer_headers, answer = await self._call_flask(self._other, scope, body, request_id, {})
-        await send({"type": "http.response.start", "status": status, "headers": answer_headers})
-        await send({"type": "http.response.body", "body": answer})
-        self._log_access(scope, status, answer_headers, len(answer), arrived)
-
-    def refuse_at_once(self, scope):
-        """The answer to a request refused as soon as its head is read, or None: it goes to the app as usual. For
-        the HTTP protocol (gunicorn.conf.py): a POST /predict that would be refused without a place in the queue, at
-        a time when a refusal may go out at once, is answered before its body is read; the protocol reads the body
-        and drops it, so the connection stays ready for the next request. It costs the loop no task and no
-        coroutine: under overload, most requests are these. The answer is the one the app would give, logged and
-        counted the same way."""
-        if scope["method"] != "POST" or scope["path"] != "/predict":
-            return None
-        arrived = time.perf_counter()
-        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
-        size = int(length) if length.isdigit() else 0
-        if size > self.settings.max_request_bytes or not self.admission.full(arrived, size):
-            return None
-        if not self._fast_refusal():
-            return None
-        self.admission.refused()
-        status, headers, body = answer = self._refusal(_length_and_request_id(scope)[1])
-        self._log_access(scope, status, headers, len(body), arrived)
-        return answer
-
-    async def _read_body(self, receive, length: bytes) -> list[bytes] | None:
-        """The whole body, as the pieces it came in (a refused request's are never joined), or None if it is larger
-        than GATEWAY_MAX_REQUEST_BYTES (then its answer closes the connection: the rest of the body is unread)."""
-        limit = self.settings.max_request_bytes
-        if length.isdigit() and int(length) > limit:
-            return None
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return chunks
-
-    async def _predict_request(self, scope, body: list[bytes], arrived: float, request_id: str):
-        granted = await self.admission.enter(arrived, sum(map(len, body)))
-        if granted is None:
-            return await self._refuse(arrived, request_id)
-        extra = {"gateway.arrived": arrived, "gateway.admitted": granted}
-        try:
-            return await self._call_flask(self._predict, scope, body, request_id, extra)
-        finally:
-            self.admission.leave(time.perf_counter() - granted)
-
-    async def _call_flask(self, pool, scope, body: list[bytes], request_id: str, extra: dict):
-        environ = _wsgi_environ(scope, b"".join(body))
-        environ.update(extra)
-        environ["HTTP_X_REQUEST_ID"] = request_id  # one id per request: Flask keeps the one the front chose
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, _call_wsgi, self.app, environ)
-        except Exception:  # Flask answers its own errors; this is a failure around it
-            log.exception("request %s: unexpected failure outside the app", request_id)
-            return _json_answer(500, "internal_error", f"unexpected failure; request id {request_id}", request_id)
-
-    async def _refuse(self, arrived: float, request_id: str):
-        if not self._fast_refusal() and self._held_refusals < _MAX_HELD_REFUSALS:
-            self._held_refusals += 1
-            try:
-                await asyncio.sleep(max(0.0, arrived + self.settings.queue_budget - time.perf_counter()))
-            finally:
-                self._held_refusals -= 1
-        return self._refusal(request_id)
-
-    def _refusal(self, request_id: str):
-        """A shed request's answer (503 overloaded, with Retry-After), counted and logged."""
-        retry = max(1, math.ceil(self.admission.predicted_wait()))
-        message = (
-            f"the gateway is at capacity: this request could not start within {self.admission.wait_budget():g} s; "
-            f"retry in {retry} s"
-        )
-        _SHED_ERRORS.inc()
-        _SHED_REQUESTS.inc()
-        self._log_shed()
-        return _json_answer(503, "overloaded", message, request_id, [(b"retry-after", str(retry).encode())])
-
-    def _fast_refusal(self) -> bool:
-        """Whether this refusal may go out at once: a token bucket of _FAST_REFUSALS_PER_SECOND."""
-        fast, now = self._fast, time.perf_counter()
-        fast["tokens"] = min(_FAST_REFUSAL_BURST, fast["tokens"] + (now - fast["at"]) * _FAST_REFUSALS_PER_SECOND)
-        fast["at"] = now
-        if fast["tokens"] < 1:
-            return False
-        fast["tokens"] -= 1
-        return True
-
-    def _too_large(self, request_id: str, endpoint: str):
-        limit = self.settings.max_request_bytes
-        message = f"the request body is larger than {limit} bytes (GATEWAY_MAX_REQUEST_BYTES)"
-        ERRORS.labels("request_too_large").inc()
-        REQUESTS.labels(endpoint, "413").inc()
-        # The rest of the body was not read: the connection cannot carry another request.
-        return _json_answer(413, "request_too_large", message, request_id, [(b"connection", b"close")])
-
-    def _log_shed(self) -> None:
-        """One line per 10 s about shed requests, not one per request: under overload that would flood the log."""
-        self._shed["count"] += 1
-        now = time.monotonic()
-        if now - self._shed["logged"] < 10:
-            return
-        count, self._shed["count"], self._shed["logged"] = self._shed["count"], 0, now
-        log.warning(
-            "overloaded: %d request(s) shed since the last line like this one: they could not start within "
-            "%g s (GATEWAY_QUEUE_BUDGET=%g s; GATEWAY_MAX_INFLIGHT=%d; %d waiting now, served %s)",
-            count,
-            self.admission.wait_budget(),
-            self.settings.queue_budget,
-            self.settings.max_inflight,
-            self.admission.waiting(),
-            "newest first from a short queue" if self.admission.overloaded() else "in arrival order",
-        )
-
-    @staticmethod
-    def _log_access(scope, status: int, headers, size: int, arrived: float) -> None:
-        if not ACCESS_LOG.isEnabledFor(logging.INFO):
-            return
-        client = (scope.get("client") or ("-", 0))[0]
-        query = scope["query_string"].decode("latin-1")
-        target = scope["path"] + (f"?{query}" if query else "")
-        request_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), "-")
-        milliseconds = round((time.perf_counter() - arrived) * 1000)
-        line = f'"{scope["method"]} {target} HTTP/{scope["http_version"]}" {status} {size} {milliseconds}ms'
-        ACCESS_LOG.info("%s %s rid=%s", client, line, request_id)
-
-
-def _length_and_request_id(scope) -> tuple[bytes, str]:
-    """A request's Content-Length (b"" if none) and its id: the client's X-Request-Id if it is a sane one, else
-    a new one. Header names come lower-case."""
-    length, given = b"", ""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            length = value
-        elif name == b"x-request-id":
-            given = value.decode("latin-1")
-    return length, given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-
-
-def _json_answer(status: int, code: str, message: str, request_id: str, headers=()):
-    body = (json.dumps({"error": {"code": code, "message": message}}) + "\n").encode()
-    return (
-        status,
-        [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
-            *headers,
-        ],
-        body,
-    )
-
-
-def _wsgi_environ(scope, body: bytes) -> dict:
-    """The WSGI environ of an ASGI HTTP request whose body has been read (PEP 3333's keys)."""
-    server = scope.get("server") or ("localhost", 80)
-    environ = {
-        "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin-1"),
-        "PATH_INFO": scope["path"].encode().decode("latin-1"),
-        "QUERY_STRING": scope["query_string"].decode("latin-1"),
-        "SERVER_NAME": server[0],
-        "SERVER_PORT": str(server[1]),
-        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
-        "REMOTE_ADDR": (scope.get("client") or ("", 0))[0],
-        "CONTENT_LENGTH": str(len(body)),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-    }
-    for raw_name, raw_value in scope["headers"]:
-        name, value = raw_name.decode("latin-1").upper().replace("-", "_"), raw_value.decode("latin-1")
-        if name == "CONTENT_TYPE":
-            environ[name] = value
-        elif name not in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
-            key = f"HTTP_{name}"
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
-    return environ
-
-
-def _call_wsgi(app, environ: dict):
-    """Call a WSGI app (in a worker thread): its status, headers (as ASGI wants them) and whole body."""
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        answer["status"], answer["headers"] = int(status.split(" ", 1)[0]), headers
-
-    chunks = app(environ, start_response)
+@api.post("/predict")
+def predict():
+    settings, client = gateway_state()
+    detail, top_k = answer_options()
+    # The front admitted this request after it waited from `arrived` to `admitted`; without the front, none waited.
+    arrived = request.environ.get("gateway.arrived", g.started)
+    admitted = request.environ.get("gateway.admitted", g.started)
+    timings = {"queue": timed("queue", arrived, admitted)}
+    INFLIGHT.inc()
     try:
-        body = b"".join(chunks)
+        items = images_in_request(settings.max_images)
+        prediction = classify(items, settings, client, timings)
     finally:
-        if hasattr(chunks, "close"):
-            chunks.close()
-    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in answer["headers"]]
-    return answer["status"], headers, body
+        INFLIGHT.dec()
+    timings["total"] = timed("total", arrived)
+    predictions = postprocess(prediction, detail, top_k)
+    if not detail:
+        return jsonify(predictions[0] if len(items) == 1 else {"predictions": predictions})
+    model = {"name": settings.model_name, "version": prediction.model_version}
+    model |= {"signature": prediction.signature, "wire": prediction.wire}
+    return jsonify(predictions=predictions, model=model, timings_ms=timings)
 
 
-# %% notebooks/02-tf-serving-connect.ipynb, cell "app"
-# URLs of one request are fetched at the same time, by threads shared by the process's requests.
-_FETCHERS = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fetch")
+# %% notebooks/02-tf-serving-connect.ipynb, cell "service-routes"
+PAGE, API_DOCUMENT = documents.page(), documents.api_document()
 
 
-def fetch_all(items, policy: FetchPolicy) -> list[bytes]:
-    """The request's images as bytes, its URLs fetched in parallel within one deadline (the fetch timeout, for
-    all of them together) and each under the same safety rules; the first failure, in request order, is the
-    answer."""
-    urls = [value for kind, value in items if kind == "url"]
-    deadline = time.monotonic() + policy.total_timeout
-    if len(urls) == 1:
-        jobs = [_fetch_now(urls[0], policy, deadline)]
-    else:
-        jobs = [_FETCHERS.submit(fetch_image, url, policy, deadline=deadline) for url in urls]
-    fetched = iter(jobs)
-    payloads = []
-    for kind, value in items:
-        if kind != "url":
-            payloads.append(value)
-            continue
-        job = next(fetched)
-        try:
-            payloads.append(job.result().data)
-        except FetchError as error:
-            raise GatewayError(error.status, error.code, str(error)) from None
-    return payloads
+@api.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
 
 
-def _fetch_now(url: str, policy: FetchPolicy, deadline: float) -> futures.Future:
-    """One URL needs no other thread: fetched here, as a finished future."""
-    job = futures.Future()
-    try:
-        job.set_result(fetch_image(url, policy, deadline=deadline))
-    except FetchError as error:
-        job.set_exception(error)
-    return job
+@api.get("/readyz")
+def readyz():
+    settings, client = gateway_state()
+    ready, why = client.ready()
+    if not ready:
+        raise GatewayError(503, "model_unavailable", f"not ready: {why}")
+    return jsonify(status="ready", model=settings.model_name, detail=why)
 
 
-# The page lies beside the repository's modules (contract.py), in a checkout and in the image alike.
-PAGE_FILE = Path(contract.__file__).with_name("gateway.html")
-# The page may talk to this gateway and show local images (blobs), nothing else: it loads and sends nothing
-# anywhere, and no other site may frame it.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "img-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
+@api.get("/metrics")
+def metrics():
+    return Response(metrics_payload(), mimetype=CONTENT_TYPE_LATEST)
 
 
+@api.get("/openapi.json")
+def openapi():
+    return jsonify(API_DOCUMENT)
+
+
+@api.get("/")
+def index():
+    if PAGE is None:
+        raise GatewayError(404, "not_found", f"the page is not installed: no {documents.PAGE_FILE}")
+    return Response(PAGE, mimetype="text/html", headers=documents.PAGE_HEADERS)
+
+
+# %% notebooks/02-tf-serving-connect.ipynb, cell "create-app"
 def create_app(settings: Settings | None = None, client: ModelClient | None = None) -> Flask:
     """The gateway as a Flask app; settings from the environment unless given."""
     settings = settings or Settings.from_env()
-    client = client or ModelClient(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["gateway"] = {"settings": settings, "client": client}
+    app.extensions["gateway"] = {"settings": settings, "client": client or ModelClient(settings)}
+    app.register_blueprint(api)
+    answer_errors_as_json(app)
 
     @app.before_request
     def start():
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.request_id = request_id(request.headers.get("X-Request-ID", ""))
         g.started = time.perf_counter()
 
     @app.after_request
@@ -1184,120 +188,6 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         REQUESTS.labels(endpoint, str(response.status_code)).inc()
         return response
-
-    def error_response(error: GatewayError):
-        ERRORS.labels(error.code).inc()
-        log.warning(
-            "request %s %s %s -> %d %s: %s",
-            g.get("request_id"),
-            request.method,
-            request.path,
-            error.status,
-            error.code,
-            error.message,
-        )
-        response = jsonify(error={"code": error.code, "message": error.message})
-        response.status_code = error.status
-        response.headers.update(error.headers)
-        return response
-
-    @app.errorhandler(GatewayError)
-    def gateway_error(error):
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    def http_error(error):
-        codes = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(error.code, "invalid_request")
-        return error_response(GatewayError(error.code or 400, code, error.description or error.name))
-
-    @app.errorhandler(Exception)
-    def unexpected(error):
-        log.exception("request %s: unexpected failure", g.get("request_id"))
-        message = f"unexpected failure; request id {g.get('request_id')}"
-        return error_response(GatewayError(500, "internal_error", message))
-
-    def timed(stage, started):
-        elapsed = time.perf_counter() - started
-        STAGE_SECONDS.labels(stage).observe(elapsed)
-        return round(elapsed * 1000, 2)
-
-    def classify(items, timings):
-        started = time.perf_counter()
-        payloads = fetch_all(items, settings.fetch)
-        timings["fetch"] = timed("fetch", started)
-        started = time.perf_counter()
-        batch = np.stack([pixels(data, settings) for data in payloads])  # uint8; scaled only if sent as float32
-        timings["preprocess"] = timed("preprocess", started)
-        started = time.perf_counter()
-        prediction = client.predict(batch)
-        timings["predict"] = timed("predict", started)
-        IMAGES.inc(len(batch))
-        return prediction
-
-    @app.post("/predict")
-    def predict():
-        detail = request.args.get("detail", "0") not in ("0", "", "false")
-        try:
-            top_k = int(request.args.get("top_k", "3"))
-        except ValueError:
-            raise GatewayError(400, "invalid_request", "top_k must be a whole number from 1 to 10") from None
-        if not 1 <= top_k <= len(CLASSES):
-            raise GatewayError(400, "invalid_request", f"top_k must be from 1 to {len(CLASSES)}")
-        # Front admitted this request (it waited from `arrived` to `admitted`); without it, none waited.
-        arrived = request.environ.get("gateway.arrived", g.started)
-        admitted = request.environ.get("gateway.admitted", g.started)
-        STAGE_SECONDS.labels("queue").observe(admitted - arrived)
-        timings = {"queue": round((admitted - arrived) * 1000, 2)}
-        INFLIGHT.inc()
-        try:
-            items = images_in_request(settings)
-            prediction = classify(items, timings)
-        finally:
-            INFLIGHT.dec()
-        timings["total"] = timed("total", arrived)
-        if not detail and len(items) == 1:
-            return jsonify(course_answer(prediction.logits[0]))
-        predictions = [detailed_answer(row, top_k) if detail else course_answer(row) for row in prediction.logits]
-        if not detail:
-            return jsonify(predictions=predictions)
-        return jsonify(
-            predictions=predictions,
-            model={
-                "name": settings.model_name,
-                "version": prediction.model_version,
-                "signature": prediction.signature,
-                "wire": prediction.wire,
-            },
-            timings_ms=timings,
-        )
-
-    page = PAGE_FILE.read_bytes() if PAGE_FILE.is_file() else None
-
-    @app.get("/")
-    def index():
-        if page is None:
-            raise GatewayError(404, "not_found", f"the page is not installed: no {PAGE_FILE.name} beside contract.py")
-        return Response(page, mimetype="text/html", headers=PAGE_HEADERS)
-
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
-
-    @app.get("/readyz")
-    def readyz():
-        ready, why = client.ready()
-        if not ready:
-            raise GatewayError(503, "model_unavailable", f"not ready: {why}")
-        return jsonify(status="ready", model=settings.model_name, detail=why)
-
-    @app.get("/metrics")
-    def metrics():
-        return Response(metrics_payload(), mimetype=CONTENT_TYPE_LATEST)
-
-    @app.get("/openapi.json")
-    def openapi():
-        return jsonify(_openapi())
 
     return app
 

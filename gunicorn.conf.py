@@ -2,63 +2,28 @@
 
 Every knob comes from the environment so the image, compose and Kubernetes set them without rebuilding. gunicorn
 runs the processes (workers, restarts, graceful stops); each worker is uvicorn (GatewayWorker below): HTTP parsed
-by httptools in an asyncio event loop, where gateway.Front admits or sheds each request before any thread sees it
-(most refusals straight from the request's head, GatewayProtocol below), and GATEWAY_MAX_INFLIGHT threads run the
-Flask app (see gateway.py).
+by httptools in an asyncio event loop, where gateway_parts.front.Front admits or sheds each request before any
+thread sees it, and GATEWAY_MAX_INFLIGHT threads run the Flask app.
 """
 
-import http
 import logging
 import os
 import shutil
 import tempfile
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from contract import GATEWAY_PORT
 
 
-class GatewayProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with one shortcut: a request that the app refuses as soon as its head is read
-    (gateway.Front.refuse_at_once: shed under overload) is answered here, with no ASGI task, coroutine or
-    message. Under overload most requests are refused: with every request shed at 450 a second here, this cut the
-    gateway's CPU per refusal from 0.45-0.51 to 0.38-0.46 ms (three alternating pairs). The body that follows is
-    read and dropped by the parser, as uvicorn does for any answer sent before the body was read, so the
-    connection stays ready for the next request. A request that asks for `100 Continue` takes the usual way: its
-    client may be holding the body back, and the app's reading it sends the 100.
-
-    It extends a protocol class that uvicorn does not document as an API; tests/test_front.py checks it against
-    the pinned uvicorn (answers, keep-alive, pipelining, HTTP/1.0, 100-continue)."""
-
-    def _start_asgi_task(self, cycle, app):
-        refuse = getattr(app, "refuse_at_once", None)
-        answer = None if refuse is None or cycle.waiting_for_100_continue else refuse(cycle.scope)
-        if answer is None:
-            super()._start_asgi_task(cycle, app)
-            return
-        status, headers, body = answer
-        head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())]
-        for name, value in (*self.server_state.default_headers, *headers):
-            head += [name, b": ", value, b"\r\n"]
-        if not cycle.keep_alive:
-            head.append(b"connection: close\r\n")
-        self.transport.write(b"".join((*head, b"\r\n", body)))
-        cycle.response_started = cycle.response_complete = True  # the parser now drops the rest of the body
-        cycle.message_event.set()
-        if not cycle.keep_alive:
-            self.transport.close()
-        cycle.on_response()
-
-
 class GatewayWorker(UvicornWorker):
-    """uvicorn under gunicorn, with GatewayProtocol, gateway.Front's own access log (the request id and the time
-    taken) instead of uvicorn's, no lifespan protocol (the app needs no start-up or shutdown events), and the
-    client's address as the connection gives it (no X-Forwarded-For rewriting, as gunicorn's own workers did)."""
+    """uvicorn under gunicorn, with the front's own access log (the request id and the time taken) instead of
+    uvicorn's, no lifespan protocol (the app needs no start-up or shutdown events), and the client's address as
+    the connection gives it (no X-Forwarded-For rewriting, as gunicorn's own workers did)."""
 
     CONFIG_KWARGS = {
         "loop": "auto",
-        "http": GatewayProtocol,
+        "http": "httptools",
         "access_log": False,
         "lifespan": "off",
         "proxy_headers": False,
@@ -85,7 +50,7 @@ keepalive = 5
 # every minute or so. Set it if memory creeps (the load tests bound the workers' memory over 1,000 uploads).
 max_requests = int(os.environ.get("GATEWAY_MAX_REQUESTS", "0"))
 max_requests_jitter = max_requests // 10
-# "-": one line per request on stdout (gateway.Front writes it: client, request line, status, bytes, time, request id).
+# "-": one line per request on stdout (the front writes it: client, request line, status, bytes, time, request id).
 accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")

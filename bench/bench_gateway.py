@@ -46,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
 from contract import CLASSES, INPUT_NAME, OUTPUT_NAME
+from gateway_parts import images
 from gateways import running_gateway
 from servers import running_model_server
 
@@ -198,8 +199,8 @@ def draft_study(client: gateway.ModelClient, big_files: list[Path]) -> dict:
         data = path.read_bytes()
         for name in timings:
             # The gateway's own factor, swapped only for the time of the call, measures the alternative.
-            factor = gateway._DRAFT_FACTOR if name == "full" else name
-            with mock.patch.object(gateway, "_DRAFT_FACTOR", factor):
+            factor = images.DRAFT_FACTOR if name == "full" else name
+            with mock.patch.object(images, "DRAFT_FACTOR", factor):
                 started = time.perf_counter()
                 tensor = gateway.preprocess(data, full_settings if name == "full" else draft_settings)
                 timings[name].append(time.perf_counter() - started)
@@ -221,7 +222,7 @@ def draft_study(client: gateway.ModelClient, big_files: list[Path]) -> dict:
     return {
         "n": len(big_files),
         "full_preprocess_ms": latency_ms(timings["full"]),
-        "gateway_factor": f"{gateway._DRAFT_FACTOR}x",
+        "gateway_factor": f"{images.DRAFT_FACTOR}x",
         "variants": variants,
         "distinct_top1_classes": len(set(full_logits.argmax(axis=1).tolist())),
         "top1_margin_median": float(np.median(margins[:, -1] - margins[:, -2])),

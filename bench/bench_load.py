@@ -2,9 +2,9 @@
 
     python bench/bench_load.py [--quick] [--sweep]     (or: make bench-load)
 
-One model server (model_server.py) and one gateway under gunicorn with gunicorn.conf.py's and gateway.py's
-defaults, as `make serve` starts them, on the converted stand-in (or models/clothing-model after `make model`),
-all on this machine with the load generator (loadtest.py, dataset photo uploads):
+One model server (model_server.py) and one gateway under gunicorn with the defaults of gunicorn.conf.py and
+gateway_parts/settings.py, as `make serve` starts them, on the converted stand-in (or models/clothing-model after
+`make model`), all on this machine with the load generator (loadtest.py, dataset photo uploads):
 
 - closed loop at 1, 2, 4, 8, 16, 32 and 64 clients, each client sending its next request once answered (and
   not honouring Retry-After: the hardest client for a gateway that sheds);
@@ -73,7 +73,7 @@ def xception_size_model(work: Path) -> tuple[Path, str]:
 
 
 def serve_defaults() -> dict:
-    """What gunicorn.conf.py and gateway.Settings use when nothing is set: the `make serve` gateway."""
+    """What gunicorn.conf.py and the gateway's Settings use when nothing is set: the `make serve` gateway."""
     saved = os.environ.copy()
     try:
         for name in [name for name in os.environ if name.startswith("GATEWAY_")]:
@@ -82,9 +82,9 @@ def serve_defaults() -> dict:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    import gateway
+    from gateway_parts.settings import Settings
 
-    settings = gateway.Settings()
+    settings = Settings()
     return {
         "workers": conf["workers"],
         "max_inflight": settings.max_inflight,

@@ -27,6 +27,7 @@ RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway
 WORKDIR /app
 COPY gateway.py protobuf.py contract.py safe_fetch.py gunicorn.conf.py gateway.html ./
+COPY gateway_parts/ ./gateway_parts/
 USER 10001:10001
 EXPOSE 9696
 # Slim images have no curl: probe with the standard library, on the port contract.py names.

@@ -43,8 +43,10 @@ COMPOSE_GPU = ROOT / "docker-compose.gpu.yaml"
 COMPOSE_MODEL_SERVER = ROOT / "docker-compose.model-server.yaml"
 # What the model-server image needs at run time: the command line, the contract and the serving package.
 MODEL_SERVER_FILES = {"model_server.py", "contract.py"} | {f"serving/{p.name}" for p in (ROOT / "serving").glob("*.py")}
-# What the gateway image needs at run time, per the gateway's contract.
-GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py", "gateway.html"}
+# What the gateway image needs at run time: the generated app, its parts and the modules they share with the rest.
+GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py", "gateway.html"} | {
+    f"gateway_parts/{p.name}" for p in (ROOT / "gateway_parts").glob("*") if p.suffix in (".py", ".json")
+}
 GATEWAY_CMD = ["gunicorn", "--config", "gunicorn.conf.py", "gateway:app"]
 MODEL_DIR_IN_IMAGE = f"/{contract.MODEL_BASE_PATH}/1"
 BIN = Path(sys.executable).parent
@@ -198,6 +200,21 @@ def runtime_dependencies(section: str, entry: str, files: set[str]) -> tuple[set
     for path in needed & files:
         third_party |= imports_of(ROOT / path) - known
     return needed, third_party
+
+
+def copied_files(stage) -> set[str]:
+    """The repository files a stage's COPY instructions put under its WORKDIR, each at its own path: the modules
+    beside each other, a package (a source ending in /) as a folder of its .py and .json files."""
+    copied = set()
+    for sources, destination in local_copies(stage):
+        for source in sources:
+            if source.endswith("/"):
+                assert destination == f"./{source}", f"{source} must keep its folder in the image"
+                copied |= {f"{source}{p.name}" for p in (ROOT / source).glob("*") if p.suffix in (".py", ".json")}
+            else:
+                assert destination == "./"
+                copied.add(source)
+    return copied
 
 
 def local_names() -> set[str]:
@@ -364,17 +381,7 @@ def test_model_server_image_has_tf_servings_contract():
     assert not args_of(stage, "CMD")
     probe = " ".join(healthcheck_cmd(MODEL_SERVER_DOCKERFILE))
     assert f"127.0.0.1:{contract.REST_PORT}/v1/models/" in probe and "AVAILABLE" in probe
-    # Each file lands at its own path under /app: the modules beside each other, the package as a folder.
-    copied = set()
-    for sources, destination in local_copies(stage):
-        for source in sources:
-            if source.endswith("/"):
-                assert destination == f"./{source}", f"{source} must keep its folder in the image"
-                copied |= {f"{source}{path.name}" for path in (ROOT / source).glob("*.py")}
-            else:
-                assert destination == "./"
-                copied.add(source)
-    assert copied == MODEL_SERVER_FILES
+    assert copied_files(stage) == MODEL_SERVER_FILES
     assert args_of(stage, "WORKDIR") == ["/app"]
 
 
@@ -494,13 +501,13 @@ def test_make_container_targets_stop_clearly_without_docker(tmp_path):
 def test_gateway_image_copies_exactly_the_gateway_files():
     builder, runtime = stages(GATEWAY_DOCKERFILE)
     assert local_copies(builder) == [(["Pipfile", "Pipfile.lock"], "./")]
-    ((sources, destination),) = local_copies(runtime)
-    assert sorted(sources) == sorted(GATEWAY_FILES) and destination == "./"
+    assert copied_files(runtime) == GATEWAY_FILES
     assert args_of(runtime, "WORKDIR") == ["/app"]
-    # The root .dockerignore is an allow-list of exactly what the gateway build reads.
+    # The root .dockerignore is an allow-list of exactly what the gateway build reads, caches left out.
     rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
-    assert rules[0] == "*"
-    assert {rule.removeprefix("!") for rule in rules[1:]} == GATEWAY_FILES | {"Pipfile", "Pipfile.lock"}
+    assert rules[0] == "*" and rules[-1] == "**/__pycache__"
+    sources = {source for sources, _ in local_copies(runtime) for source in sources}
+    assert {rule.removeprefix("!") for rule in rules[1:-1]} == sources | {"Pipfile", "Pipfile.lock"}
 
 
 @pytest.mark.parametrize("name", sorted(GATEWAY_FILES))
@@ -521,7 +528,7 @@ def test_everything_the_gateway_imports_from_the_repo_is_in_the_image():
 def test_the_gateway_imports_only_runtime_packages():
     """Third-party imports resolve to Pipfile.lock's default section, what the gateway image installs."""
     runtime = set(json.loads((ROOT / "Pipfile.lock").read_text())["default"])
-    local = {path.stem for path in ROOT.glob("*.py")}
+    local = local_names()
     distributions = packages_distributions()
     for path in existing_gateway_files():
         for name in imports_of(path) - local - set(sys.stdlib_module_names) - {"__future__"}:

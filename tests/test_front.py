@@ -1,7 +1,8 @@
-"""The gateway's front (gateway.Admission and gateway.Front, the ASGI app gunicorn serves): admission by queueing
-delay in the event loop, shed requests, bodies, the access log, and Flask in threads, driven in-process through
-the ASGI interface with a stand-in model client; and gunicorn.conf.py's HTTP protocol, which answers requests
-refused as soon as their head is read, under a real uvicorn. Under a real gunicorn: test_load_and_faults.py."""
+"""The gateway's front (gateway_parts: admission, refusals and front, the ASGI app gunicorn serves): admission by
+queueing delay in the event loop, shed requests, bodies, the access log, and Flask in threads, driven in-process
+through the ASGI interface with a stand-in model client; then the same front under a real uvicorn configured as
+gunicorn.conf.py's worker, on the wire: refusals from the head, keep-alive, pipelining, HTTP/1.0, 100-continue.
+Under a real gunicorn: test_load_and_faults.py."""
 
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ from test_gateway import RED, FakeModel
 
 import gateway
 from conftest import ROOT
+from gateway_parts import refusals
+from gateway_parts.admission import Admission
+from gateway_parts.front import Front
+from gateway_parts.settings import Settings
 
 BODY = json.dumps({"image": base64.b64encode(RED).decode()}).encode()
 
 
 async def call(app, method: str = "POST", path: str = "/predict", body: bytes = BODY, headers=(), chunk=None):
-    """One HTTP request through an ASGI app, as uvicorn makes it: (status, headers, body, seconds)."""
+    """One HTTP request through an ASGI app, as uvicorn makes it: its answer, how long it took, and how many
+    times the app read from the request (`reads`)."""
     chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk and body else [body]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     scope = {
@@ -44,9 +50,10 @@ async def call(app, method: str = "POST", path: str = "/predict", body: bytes = 
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 9696),
     }
-    sent = []
+    sent, reads = [], []
 
     async def receive():
+        reads.append(1)
         if messages:
             return messages.pop(0)
         await asyncio.sleep(3600)  # a client that never disconnects
@@ -58,13 +65,14 @@ async def call(app, method: str = "POST", path: str = "/predict", body: bytes = 
     await app(scope, receive, send)
     start, whole = sent
     answer_headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    seconds = time.perf_counter() - started
     return SimpleNamespace(
-        status=start["status"], headers=answer_headers, body=whole["body"], seconds=time.perf_counter() - started
+        status=start["status"], headers=answer_headers, body=whole["body"], seconds=seconds, reads=len(reads)
     )
 
 
-def front(fake, **settings) -> gateway.Front:
-    return gateway.Front(gateway.create_app(gateway.Settings(**settings), client=fake))
+def front(fake, **settings) -> Front:
+    return Front(gateway.create_app(Settings(**settings), client=fake))
 
 
 @pytest.fixture
@@ -77,7 +85,7 @@ def fake():
 
 def test_admission_hands_slots_to_the_waiters_in_arrival_order():
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=5.0)
+        admission = Admission(limit=1, budget=5.0)
         assert await admission.enter(time.perf_counter()) is not None  # working
         first = asyncio.create_task(admission.enter(time.perf_counter()))
         second = asyncio.create_task(admission.enter(time.perf_counter()))
@@ -97,7 +105,7 @@ def test_under_overload_the_queue_is_short_and_served_newest_first():
     served newest first keeps the served requests' wait short; the oldest waiters are the ones shed."""
 
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=0.5)
+        admission = Admission(limit=1, budget=0.5)
         assert await admission.enter(time.perf_counter()) is not None  # working
 
         async def waiters(count):
@@ -142,7 +150,7 @@ def test_under_overload_the_queue_is_short_and_served_newest_first():
 
 def test_admission_sheds_a_waiter_whose_budget_runs_out_and_keeps_its_order():
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=0.2)
+        admission = Admission(limit=1, budget=0.2)
         assert await admission.enter(time.perf_counter()) is not None
         started = time.monotonic()
         assert await admission.enter(time.perf_counter()) is None
@@ -158,7 +166,7 @@ def test_admission_sheds_a_waiter_whose_budget_runs_out_and_keeps_its_order():
 
 def test_admission_refuses_at_once_what_could_not_start_in_time():
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=0.5)
+        admission = Admission(limit=1, budget=0.5)
         assert await admission.enter(time.perf_counter()) is not None
         admission.leave(2.0)  # requests have been holding a slot for 2 s
         assert await admission.enter(time.perf_counter()) is not None
@@ -167,7 +175,7 @@ def test_admission_refuses_at_once_what_could_not_start_in_time():
         assert time.monotonic() - started < 0.1
         assert admission.predicted_wait() == pytest.approx(2.0)
         # The budget counts from arrival: a request that already spent it before asking is refused too.
-        fast = gateway.Admission(limit=1, budget=0.5)
+        fast = Admission(limit=1, budget=0.5)
         assert await fast.enter(time.perf_counter()) is not None
         assert await fast.enter(time.perf_counter() - 0.6) is None
 
@@ -178,7 +186,7 @@ def test_admission_never_grants_a_slot_past_the_budget():
     """A waiter whose budget ran out while the slot was busy is shed, and the slot goes to the next in line."""
 
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=10.0)
+        admission = Admission(limit=1, budget=10.0)
         assert await admission.enter(time.perf_counter()) is not None
         late = asyncio.create_task(admission.enter(time.perf_counter() - 9.8))  # 0.2 s of budget left
         fresh = asyncio.create_task(admission.enter(time.perf_counter()))
@@ -202,7 +210,7 @@ def test_admission_bounds_the_memory_its_waiters_hold_and_counts_them():
 
     async def scenario():
         gauge = Gauge()
-        admission = gateway.Admission(limit=1, budget=5.0, max_waiting_bytes=100, gauge=gauge)
+        admission = Admission(limit=1, budget=5.0, max_waiting_bytes=100, gauge=gauge)
         assert await admission.enter(time.perf_counter(), 1000) is not None  # working: its body is not counted
         waiter = asyncio.create_task(admission.enter(time.perf_counter(), 60))
         await asyncio.sleep(0.01)
@@ -217,7 +225,7 @@ def test_admission_bounds_the_memory_its_waiters_hold_and_counts_them():
 
 def test_a_waiter_dropped_while_it_waits_gives_its_place_back():
     async def scenario():
-        admission = gateway.Admission(limit=1, budget=10.0)
+        admission = Admission(limit=1, budget=10.0)
         assert await admission.enter(time.perf_counter()) is not None
         dropped = asyncio.create_task(admission.enter(time.perf_counter()))
         await asyncio.sleep(0.01)
@@ -235,7 +243,7 @@ def test_a_waiter_dropped_while_it_waits_gives_its_place_back():
 
 
 def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fake, monkeypatch):
-    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 0.0)  # past the rate of refusals sent at once
+    monkeypatch.setattr(refusals, "FAST_REFUSAL_BURST", 0.0)  # past the rate of refusals sent at once
     app = front(fake, max_inflight=1, queue_budget=0.2)
     fake.release.clear()
 
@@ -256,8 +264,8 @@ def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fa
 
 
 def test_refusals_go_out_at_once_up_to_a_rate_and_past_it_when_their_budget_is_spent(fake, monkeypatch):
-    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 3.0)
-    monkeypatch.setattr(gateway, "_FAST_REFUSALS_PER_SECOND", 0.5)  # no token comes back within the test
+    monkeypatch.setattr(refusals, "FAST_REFUSAL_BURST", 3.0)
+    monkeypatch.setattr(refusals, "FAST_REFUSALS_PER_SECOND", 0.5)  # no token comes back within the test
     app = front(fake, max_inflight=1, queue_budget=0.3)
     fake.release.clear()
 
@@ -369,96 +377,69 @@ def test_one_access_log_line_per_request_with_status_time_and_request_id(fake, c
     assert all(re.match(r'127\.0\.0\.1 "POST /predict HTTP/1\.1" \d{3} \d+ \d+ms rid=', line) for line in lines)
 
 
-def test_a_request_refused_at_once_is_answered_from_its_head_and_counted_like_any_refusal(fake, caplog):
-    app = front(fake, max_inflight=1, queue_budget=0.5)
-    head = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"", "http_version": "1.1"}
-    head |= {"client": ("127.0.0.1", 50000), "headers": [(b"content-length", b"1000"), (b"x-request-id", b"early-1")]}
+def full_front(fake, **settings) -> Front:
+    """A front whose one slot is busy, after requests held it for 2 s each: a new POST /predict would get no place
+    in the queue."""
+    app = front(fake, **{"max_inflight": 1, "queue_budget": 0.5, **settings})
+    asyncio.run(app.admission.enter(time.perf_counter()))  # a free slot is granted at once, with no loop kept
+    app.admission.leave(2.0)
+    asyncio.run(app.admission.enter(time.perf_counter()))
+    return app
+
+
+def test_a_prediction_that_would_be_refused_is_answered_from_its_head_and_counted_like_any_refusal(fake, caplog):
+    app = full_front(fake)
     caplog.set_level(logging.INFO, logger="gateway.access")
     before = shed_count()
+    head = [(b"content-length", str(len(BODY)).encode()), (b"x-request-id", b"early-1")]
 
     async def scenario():
-        assert app.refuse_at_once(head) is None  # a slot is free
-        await app.admission.enter(time.perf_counter())
-        assert app.refuse_at_once(head) is None  # every slot busy, but the queue is empty: it may wait
-        app.admission.leave(2.0)  # requests have been holding a slot for 2 s
-        await app.admission.enter(time.perf_counter())
-        assert app.refuse_at_once(head | {"path": "/healthz"}) is None  # only predictions are shed
+        health = await call(app, "GET", "/healthz", b"")  # only predictions are shed
         too_large = [(b"content-length", str(app.settings.max_request_bytes + 1).encode())]
-        assert app.refuse_at_once(head | {"headers": too_large}) is None  # the app answers 413 and closes
+        large = await call(app, body=b"x", headers=too_large)  # answered 413, and the connection closes
         assert not app.admission.overloaded()
-        return app.refuse_at_once(head)
+        return health, large, await call(app, headers=head)
 
-    status, headers, body = asyncio.run(scenario())
-    headers = {k.decode(): v.decode() for k, v in headers}
-    assert status == 503 and json.loads(body)["error"]["code"] == "overloaded"
-    # 1 of 3 arrivals refused: overload, where a request may wait a tenth of the budget.
-    assert "could not start within 0.05 s" in json.loads(body)["error"]["message"]
-    assert headers["retry-after"] == "2" and headers["x-request-id"] == "early-1"
-    assert headers["content-length"] == str(len(body)) and headers["content-type"] == "application/json"
-    assert app.admission.overloaded() and shed_count() == before + 1
+    health, large, refused = asyncio.run(scenario())
+    assert health.status == 200 and large.status == 413
+    assert refused.status == 503 and refused.reads == 0, "answered before its body was read"
+    error = json.loads(refused.body)["error"]
+    assert error["code"] == "overloaded" and "could not start within 0.05 s" in error["message"]  # 1 in 2: overload
+    assert refused.headers["retry-after"] == "2" and refused.headers["x-request-id"] == "early-1"
+    assert refused.headers["content-length"] == str(len(refused.body))
+    assert app.admission.overloaded() and shed_count() == before + 1 and not fake.batches
     lines = [r.getMessage() for r in caplog.records if "early-1" in r.getMessage()]
     assert len(lines) == 1 and re.fullmatch(
-        rf'127\.0\.0\.1 "POST /predict HTTP/1\.1" 503 {len(body)} \d+ms rid=early-1', lines[0]
+        rf'127\.0\.0\.1 "POST /predict HTTP/1\.1" 503 {len(refused.body)} \d+ms rid=early-1', lines[0]
     )
 
 
-def test_past_the_rate_of_refusals_sent_at_once_a_request_goes_to_the_app(fake, monkeypatch):
-    monkeypatch.setattr(gateway, "_FAST_REFUSAL_BURST", 0.0)
-    app = front(fake, max_inflight=1, queue_budget=0.5)
-    head = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""}
+def test_past_the_rate_of_refusals_sent_at_once_a_prediction_is_read_and_its_refusal_held(fake, monkeypatch):
+    monkeypatch.setattr(refusals, "FAST_REFUSAL_BURST", 0.0)
+    app = full_front(fake, queue_budget=0.2)
+    answer = asyncio.run(call(app))
+    assert answer.status == 503 and answer.reads == 1 and answer.seconds >= 0.15
 
-    async def scenario():
-        await app.admission.enter(time.perf_counter())
-        app.admission.leave(2.0)
-        await app.admission.enter(time.perf_counter())
-        return app.refuse_at_once(head)
 
-    assert asyncio.run(scenario()) is None  # the app reads it and holds its refusal to its budget
+def test_a_prediction_that_expects_100_continue_is_read_before_it_is_refused(fake):
+    """Its client may hold the body back until it hears 100 Continue; reading the body sends it."""
+    answer = asyncio.run(call(full_front(fake), headers=[(b"expect", b"100-continue")]))
+    assert answer.status == 503 and answer.reads == 1
 
 
 def shed_count() -> float:
     return prometheus_client.REGISTRY.get_sample_value("gateway_errors_total", {"code": "overloaded"}) or 0.0
 
 
-# ---- gunicorn.conf.py's HTTP protocol -------------------------------------------------------------------
+# ---- the front under a real uvicorn, with gunicorn.conf.py's worker settings ------------------------------
 
 GUNICORN_CONF = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
 
 
-class RefusingApp:
-    """An ASGI app that refuses POST /refuse as soon as its head is read and answers anything else itself with
-    the size of the body it read."""
-
-    ANSWER = b'{"error": {"code": "overloaded", "message": "refused"}}'
-
-    def __init__(self):
-        self.answered = []  # (path, body size) of each request the app itself answered
-
-    def refuse_at_once(self, scope):
-        if scope["method"] != "POST" or scope["path"] != "/refuse":
-            return None
-        return 503, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.ANSWER))], self.ANSWER
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return
-        size, more = 0, True
-        while more:
-            message = await receive()
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        self.answered.append((scope["path"], size))
-        answer = b"%d" % size
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]}
-        )
-        await send({"type": "http.response.body", "body": answer})
-
-
 @pytest.fixture
-def protocol_server():
-    """uvicorn with gunicorn.conf.py's worker settings (its protocol) serving RefusingApp on a free port."""
-    app = RefusingApp()
+def served_front(fake):
+    """A full front (see full_front) under uvicorn, as gunicorn.conf.py's worker configures it, on a free port."""
+    app = full_front(fake)
     config = uvicorn.Config(app, **GUNICORN_CONF["GatewayWorker"].CONFIG_KWARGS, log_level="warning")
     server = uvicorn.Server(config)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -492,68 +473,62 @@ def read_answer(connection: socket.socket, buffer: bytearray) -> tuple[int, dict
     return int(status_line.split()[1]), headers, rest[:size]
 
 
-def post(path: str, body: bytes, version: str = "1.1", extra: bytes = b"") -> bytes:
+def http(method: str, path: str, body: bytes = b"", version: str = "1.1", extra: bytes = b"") -> bytes:
     return (
-        b"POST %s HTTP/%s\r\nhost: t\r\ncontent-length: %d\r\n%s\r\n"
-        % (path.encode(), version.encode(), len(body), extra)
+        b"%s %s HTTP/%s\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+        % (method.encode(), path.encode(), version.encode(), len(body), extra)
         + body
     )
 
 
-def test_the_worker_serves_with_the_gateway_protocol():
-    assert GUNICORN_CONF["GatewayWorker"].CONFIG_KWARGS["http"] is GUNICORN_CONF["GatewayProtocol"]
+def code_of(answer: bytes) -> str:
+    return json.loads(answer)["error"]["code"]
 
 
-def test_the_protocol_answers_a_refusal_from_the_head_drops_the_body_and_keeps_the_connection(protocol_server):
-    body = bytes(range(256)) * 256  # 64 KiB, sent after the head, in pieces
-    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
+def test_a_refusal_from_the_head_drops_the_body_and_keeps_the_connection(served_front, fake):
+    body = b'{"image": "' + b"A" * 65536 + b'"}'  # 64 KiB, sent after the head, in pieces
+    with socket.create_connection(("127.0.0.1", served_front.port), timeout=10) as connection:
         buffer = bytearray()
-        request = post("/refuse", body)
+        request = http("POST", "/predict", body)
         head_size = request.index(b"\r\n\r\n") + 4
         connection.sendall(request[:head_size])
         status, headers, answer = read_answer(connection, buffer)  # answered before any of the body came
-        assert status == 503 and answer == RefusingApp.ANSWER and headers["content-type"] == "application/json"
+        assert status == 503 and code_of(answer) == "overloaded" and headers["content-type"] == "application/json"
         assert "date" in headers and "connection" not in headers  # uvicorn's own headers, and kept alive
         for start in range(head_size, len(request), 16384):
             connection.sendall(request[start : start + 16384])
             time.sleep(0.01)
-        connection.sendall(post("/echo", b"0123456789"))
+        connection.sendall(http("GET", "/healthz"))
         status, _, answer = read_answer(connection, buffer)
-        assert (status, answer) == (200, b"10")
-    assert protocol_server.app.answered == [("/echo", 10)]  # the refused request never reached the app
+        assert (status, json.loads(answer)) == (200, {"status": "ok"})
+    assert not fake.batches  # the refused request never reached the model
 
 
-def test_the_protocol_answers_pipelined_requests_in_order(protocol_server):
-    requests = post("/refuse", b"x" * 1000) + post("/echo", b"abc") + post("/refuse", b"") + post("/echo", b"")
-    chunked = b"POST /refuse HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
-        connection.sendall(requests + chunked + post("/echo", b"z"))
+def test_pipelined_requests_are_answered_in_order(served_front):
+    chunked = b"POST /predict HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    requests = http("POST", "/predict", b"x" * 1000) + http("GET", "/healthz") + http("POST", "/predict")
+    with socket.create_connection(("127.0.0.1", served_front.port), timeout=10) as connection:
+        connection.sendall(requests + http("GET", "/nowhere") + chunked + http("GET", "/healthz"))
         buffer = bytearray()
         answers = [read_answer(connection, buffer) for _ in range(6)]
-    assert [(status, body) for status, _, body in answers] == [
-        (503, RefusingApp.ANSWER),
-        (200, b"3"),
-        (503, RefusingApp.ANSWER),
-        (200, b"0"),
-        (503, RefusingApp.ANSWER),
-        (200, b"1"),
+    assert [status for status, _, _ in answers] == [503, 200, 503, 404, 503, 200]
+    assert [code_of(body) for status, _, body in answers if status >= 400] == ["overloaded"] * 2 + ["not_found"] + [
+        "overloaded"
     ]
-    assert protocol_server.app.answered == [("/echo", 3), ("/echo", 0), ("/echo", 1)]
 
 
-def test_the_protocol_closes_an_http_1_0_connection_after_a_refusal(protocol_server):
-    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
-        connection.sendall(post("/refuse", b"x" * 100, version="1.0"))
+def test_an_http_1_0_connection_is_closed_after_a_refusal(served_front):
+    with socket.create_connection(("127.0.0.1", served_front.port), timeout=10) as connection:
+        connection.sendall(http("POST", "/predict", b"x" * 100, version="1.0"))
         buffer = bytearray()
         status, headers, _ = read_answer(connection, buffer)
         assert status == 503 and headers["connection"] == "close"
         assert connection.recv(100) == b""  # closed by the server
 
 
-def test_the_protocol_leaves_a_request_that_expects_100_continue_to_the_app(protocol_server):
-    """Its client may hold the body back until it hears 100 Continue; the app's reading the body sends it."""
-    with socket.create_connection(("127.0.0.1", protocol_server.port), timeout=10) as connection:
-        request = post("/refuse", b"y" * 50, extra=b"expect: 100-continue\r\n")
+def test_a_client_that_expects_100_continue_hears_it_then_its_answer(served_front):
+    with socket.create_connection(("127.0.0.1", served_front.port), timeout=10) as connection:
+        request = http("POST", "/predict", b"y" * 50, extra=b"expect: 100-continue\r\n")
         head_size = request.index(b"\r\n\r\n") + 4
         connection.sendall(request[:head_size])
         buffer = bytearray()
@@ -562,5 +537,7 @@ def test_the_protocol_leaves_a_request_that_expects_100_continue_to_the_app(prot
         assert bytes(buffer).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         del buffer[: len(b"HTTP/1.1 100 Continue\r\n\r\n")]
         connection.sendall(request[head_size:])
-        assert read_answer(connection, buffer)[::2] == (200, b"50")
-    assert protocol_server.app.answered == [("/refuse", 50)]
+        status, _, answer = read_answer(connection, buffer)
+        assert status == 503 and code_of(answer) == "overloaded"
+        connection.sendall(http("GET", "/healthz"))
+        assert read_answer(connection, buffer)[0] == 200

@@ -19,6 +19,9 @@ from PIL import Image
 import gateway
 import photos
 from contract import CLASSES, IMAGE_SIZE
+from gateway_parts.documents import api_document
+from gateway_parts.errors import model_error
+from gateway_parts.images import decode_image
 from safe_fetch import FetchPolicy
 
 # ---- preprocess: the course's numbers for ordinary photos, sensible ones for everything else ----------
@@ -106,10 +109,10 @@ def test_animated_gif_uses_the_first_frame():
 
 def test_large_jpeg_is_draft_decoded_to_at_least_twice_the_target():
     data = photos.jpeg(seed=3, size=(4000, 3000))
-    decoded = gateway.decode_image(data, gateway.Settings())
+    decoded = decode_image(data, gateway.Settings().max_image_pixels)
     assert decoded.size[0] >= 2 * IMAGE_SIZE[0] and decoded.size[1] >= 2 * IMAGE_SIZE[1]
     assert decoded.size < (4000, 3000)
-    full = gateway.decode_image(data, gateway.Settings(jpeg_draft=False))
+    full = decode_image(data, gateway.Settings().max_image_pixels, jpeg_draft=False)
     assert full.size == (4000, 3000)
 
 
@@ -301,7 +304,7 @@ def test_model_tier_faults_map_to_5xx(client, fake):
         (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "model_timeout"),
         (grpc.StatusCode.INVALID_ARGUMENT, 502, "model_error"),
     ]:
-        fake.error = gateway.model_error(RpcError(status), "model:8500")
+        fake.error = model_error(RpcError(status), "model:8500")
         response = client.post("/predict", json=body)
         assert (response.status_code, response.get_json()["error"]["code"]) == (http_status, code)
     assert client.get("/readyz").status_code == 503
@@ -324,8 +327,23 @@ def test_metrics_and_openapi(client):
     assert 'gateway_requests_total{endpoint="/predict",status="200"}' in metrics
     assert 'gateway_errors_total{code="invalid_request"}' in metrics
     assert 'gateway_stage_seconds_count{stage="preprocess"}' in metrics
-    spec = client.get("/openapi.json").get_json()
-    assert spec["openapi"].startswith("3.") and {"/predict", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert client.get("/openapi.json").get_json() == api_document()
+
+
+def test_the_api_document_is_valid_openapi_and_names_exactly_the_apps_routes(client):
+    """Written by hand, so held to the code: every route and method the app serves is in it, and nothing else (the
+    answers are held to it by schemathesis, in test_load_and_faults.py)."""
+    from openapi_spec_validator import validate
+
+    document = api_document()
+    validate(document)
+    served = {
+        (rule.rule, method.lower())
+        for rule in client.application.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert served == {(path, method) for path, operations in document["paths"].items() for method in operations}
 
 
 # ---- URLs: fetched safely, localhost only when allowed ----------------------------------------------

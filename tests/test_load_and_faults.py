@@ -24,6 +24,7 @@ import base64
 import collections
 import contextlib
 import functools
+import http.server
 import io
 import ipaddress
 import json
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent import futures
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -52,8 +54,10 @@ import loadtest
 import photos as photos_module
 import protobuf
 import safe_fetch
-from conftest import ROOT
+from conftest import PANTS, ROOT
 from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+from gateway_parts import fetching
+from gateway_parts.model_client import RECONNECT_WAIT
 from gateways import free_port, running_gateway
 from servers import running_model_server
 
@@ -335,7 +339,7 @@ def test_model_server_killed_mid_load_fails_fast_then_recovers_with_the_same_gat
     assert {a.code for a in down} <= {"model_unavailable", "model_timeout"}
     # Fast: the gateway gives a reconnecting model server a short grace, then answers; nothing waits for
     # the deadline, let alone past it.
-    grace = min(deadline, gateway._RECONNECT_WAIT)
+    grace = min(deadline, RECONNECT_WAIT)
     assert sorted(a.seconds for a in down)[len(down) // 2] < grace + 1
     assert max(a.seconds for a in down) < deadline + 1.5
     assert all(a.retry_after for a in down if a.status == 503)
@@ -544,7 +548,7 @@ def _offline_fetches(monkeypatch) -> list[str]:
         attempts.append(target.url)
         raise safe_fetch.UnreachableURL(f"the tests never connect ({target.url})")
 
-    monkeypatch.setattr(gateway, "fetch_image", functools.partial(safe_fetch.fetch_image, resolver=fake_dns))
+    monkeypatch.setattr(fetching, "fetch_image", functools.partial(safe_fetch.fetch_image, resolver=fake_dns))
     monkeypatch.setattr(safe_fetch, "_connect", no_connection)
     return attempts
 
@@ -577,7 +581,9 @@ def fuzz_app(monkeypatch, caplog):
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def _fuzz_operation(operation, mode, examples: int, tried: collections.Counter) -> None:
+def _fuzz_operation(operation, mode, examples: int, tried: collections.Counter, prepare=None, **options) -> None:
+    """`examples` cases of one operation in one generation mode, each sent and checked against the document (no
+    5xx, a documented status, content type and schema); `prepare` may rewrite a case before it is sent."""
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
@@ -586,9 +592,10 @@ def _fuzz_operation(operation, mode, examples: int, tried: collections.Counter) 
     )
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    strategy = operation.as_strategy(generation_mode=mode)
 
-    @settings(FUZZ, max_examples=examples)
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(FUZZ, max_examples=examples, **options)
+    @given(case=strategy.map(prepare) if prepare else strategy)
     def call(case):
         response = case.call_and_validate(checks=checks)
         tried[(operation.path, mode.value, response.status_code)] += 1
@@ -612,6 +619,68 @@ def test_fuzzing_the_published_openapi_never_gives_a_5xx(fuzz_app):
             _fuzz_operation(operation, schemathesis.GenerationMode.POSITIVE, 3, tried)
     print("\n" + "\n".join(f"{path} {mode:8} {status}: {n}" for (path, mode, status), n in sorted(tried.items())))
     assert sum(n for (path, _, _), n in tried.items() if path == "/predict") >= 100
+
+
+@pytest.fixture(scope="module")
+def photo_host(photo_folder):
+    """The photo folder over HTTP on 127.0.0.1: a photo, a missing one, and bytes that are not an image."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    (photo_folder / "not-an-image.txt").write_text("plain text, not a photo")
+    handler = functools.partial(Quiet, directory=str(photo_folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield [f"{base}/{PANTS}", f"{base}/test/pants/missing.jpg", f"{base}/not-an-image.txt"]
+    server.shutdown()
+
+
+def _urls_to(local_urls: list[str]):
+    """A case rewriter: every URL string in the body becomes one of `local_urls`, so that the served gateway
+    fetches from this machine only (the in-process fuzz above covers hostile URLs)."""
+
+    def local(value):
+        return local_urls[zlib.crc32(value.encode()) % len(local_urls)] if isinstance(value, str) else value
+
+    def prepare(case):
+        body = case.body
+        if isinstance(body, dict):
+            if "url" in body:
+                body["url"] = local(body["url"])
+            if isinstance(body.get("urls"), list):
+                body["urls"] = [local(value) for value in body["urls"]]
+        return case
+
+    return prepare
+
+
+@pytest.mark.timeout(400)
+def test_the_served_gateway_answers_generated_requests_as_its_document_says(model_base, photo_host, tmp_path):
+    """schemathesis against the gateway as production serves it (gunicorn, uvicorn workers, the admission front,
+    a real model server), over HTTP, from the document the gateway serves: requests good and bad, every answer
+    documented, never a 5xx. Derandomized: the same cases every run."""
+    import schemathesis
+
+    tried = collections.Counter()
+    with (
+        running_model_server(model_base, rest_api_port=0) as model,
+        running_gateway(model.grpc_target, tmp_path, workers=2, FETCH_ALLOW_HOSTS="127.0.0.1") as gw,
+    ):
+        schema = schemathesis.openapi.from_url(f"{gw.url}/openapi.json")
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            modes = list(schemathesis.GenerationMode)
+            if operation.path != "/predict":
+                modes = [schemathesis.GenerationMode.POSITIVE]
+            for mode in modes:
+                examples = 60 if operation.path == "/predict" else 3
+                _fuzz_operation(operation, mode, examples, tried, _urls_to(photo_host), derandomize=True)
+    print("\n" + "\n".join(f"{path} {mode:8} {status}: {n}" for (path, mode, status), n in sorted(tried.items())))
+    predict = {status: n for (path, _, status), n in tried.items() if path == "/predict"}
+    assert sum(predict.values()) >= 60 and predict.get(200, 0) > 0 and predict.get(400, 0) > 0, predict
 
 
 _URLS = st.sampled_from(

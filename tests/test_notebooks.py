@@ -1,4 +1,5 @@
-"""The notebooks are the source: committed clean, runnable top to bottom, and gateway.py is theirs."""
+"""The notebooks are the source: committed clean, runnable top to bottom, showing what they say, and gateway.py
+is notebook 02's."""
 
 from __future__ import annotations
 
@@ -45,21 +46,46 @@ def test_notebooks_have_parameters_and_no_absolute_paths(notebook):
         assert absolute not in source
 
 
-def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_folder):
+def _run(notebook: str, tmp_path, **parameters) -> tuple[str, list[dict]]:
+    """A notebook run top to bottom by papermill: the text it showed, and all its outputs."""
     import papermill
 
-    executed = tmp_path / "02.ipynb"
+    executed = tmp_path / notebook
     papermill.execute_notebook(
-        str(NOTEBOOKS / "02-tf-serving-connect.ipynb"),
-        str(executed),
-        parameters={"model_base_path": str(model_base), "photo": str(photo_folder / PANTS)},
-        cwd=str(ROOT),
-        progress_bar=False,
+        str(NOTEBOOKS / notebook), str(executed), parameters=parameters, cwd=str(ROOT), progress_bar=False
     )
     outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
-    shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
-    assert "'pants'" in shown and "'t-shirt'" in shown and "timings" not in shown  # the answers were shown
+    texts = ["".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", "")) for o in outputs]
+    return "".join(texts), outputs
+
+
+def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_folder):
+    shown, _ = _run(
+        "02-tf-serving-connect.ipynb", tmp_path, model_base_path=str(model_base), photo=str(photo_folder / PANTS)
+    )
+    assert "same as keras-image-helper: True" in shown  # the gateway's preprocessing is the course's
+    assert re.search(r"largest difference from section 6: [0-9.e-]+\n", shown)
+    assert float(re.search(r"largest difference from section 6: ([0-9.e-]+)", shown)[1]) <= 1e-4
+    assert "'pants'" in shown and "'t-shirt'" in shown  # the answers were shown
     assert "'predict'" in shown  # the detailed answer's timings
+    assert "url_blocked" in shown  # the refused request's JSON error
+
+
+def test_notebook_04_shows_each_production_part_working(model_base, tmp_path):
+    shown, outputs = _run("04-gateway-in-production.ipynb", tmp_path, model_base_path=str(model_base))
+    assert shown.count("refused: ") == 3  # three wrong settings, each named
+    assert shown.count("400 url_blocked") == 5 and "400 invalid_url" in shown  # every hostile URL
+    seconds = float(re.search(r"4 photos of 0.3 s each in ([0-9.]+) s", shown)[1])
+    assert seconds < 1.2, "the URLs of one request are fetched at the same time"
+    assert "413 image_too_large" in shown and "stored 533x400, seen 400x533" in shown
+    assert "pixels go to signature serving_uint8" in shown
+    assert re.search(r"version 1 before the copy; \d+ answers after it, the last from version 2", shown)
+    assert "503 model_unavailable" in shown and "'Retry-After': '1'" in shown
+    burst = re.search(r"(\d+) arrivals at 3x: (\d+) answered 200, (\d+) shed 503, 0 other", shown)
+    assert burst and int(burst[2]) > 0 and int(burst[3]) > 0 and int(burst[1]) == int(burst[2]) + int(burst[3])
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the burst's plot"
+    assert 'gateway_errors_total{code="overloaded"}' in shown
+    assert "it names exactly the app's routes: True" in shown
 
 
 def test_notebook_functions_through_testbook(photo_folder):

@@ -12,6 +12,7 @@ import pytest
 import gateway
 from conftest import DATASET, PANTS
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
+from gateway_parts.signatures import Route
 from servers import running_model_server
 from standin import export_float32_only
 
@@ -45,7 +46,7 @@ def test_notebook_01_exports_a_pixel_signature_beside_the_course_one(converted):
 
 def test_the_gateway_sends_pixels_to_a_model_that_takes_them(model_server, photo_folder):
     client = _client(model_server)
-    assert client.route(np.uint8) == gateway.Route(UINT8_SIGNATURE_NAME, INPUT_NAME, OUTPUT_NAME, "uint8")
+    assert client.route(np.uint8) == Route(UINT8_SIGNATURE_NAME, INPUT_NAME, OUTPUT_NAME, "uint8")
     assert client.route(np.float32).wire == "float32"  # a batch already scaled goes to the course's signature
     app = gateway.create_app(gateway.Settings(tf_serving_host=model_server.grpc_target), client=client)
     answer = app.test_client().post(
