@@ -191,9 +191,27 @@ def _channel_arguments(text: str) -> list[tuple[str, int | str]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    # Flags spelled as tensorflow_model_server spells them; MODEL_NAME and MODEL_BASE_PATH as the
-    # tensorflow/serving image reads them (the base path there is $MODEL_BASE_PATH/$MODEL_NAME).
+    """The command line, with flags spelled as tensorflow_model_server spells them; MODEL_NAME and MODEL_BASE_PATH
+    as the tensorflow/serving image reads them (the base path there is $MODEL_BASE_PATH/$MODEL_NAME)."""
     parser = argparse.ArgumentParser(description="Serve a SavedModel over TF Serving's gRPC and REST APIs.")
+    _serving_flags(parser)
+    _limit_flags(parser)
+    args = parser.parse_args(argv)
+    if args.model_base_path is None:
+        env_base = os.environ.get("MODEL_BASE_PATH")
+        args.model_base_path = os.path.join(env_base, args.model_name) if env_base else str(ROOT / MODEL_BASE_PATH)
+    if args.grpc_max_threads is None:
+        args.grpc_max_threads = max(args.max_concurrent_requests, 16) + SPARE_GRPC_THREADS
+    for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 (TensorFlow's choice) or more")
+    if args.batching_parameters_file and not args.enable_batching:
+        parser.error("--batching_parameters_file needs --enable_batching")
+    return args
+
+
+def _serving_flags(parser: argparse.ArgumentParser) -> None:
+    """What is served, where, and how: ports, the model, batching, version polling."""
     parser.add_argument("--port", type=int, default=GRPC_PORT, help="gRPC port; 0 picks a free one (%(default)s)")
     parser.add_argument(
         "--rest_api_port", type=int, default=REST_PORT, help="REST port; 0 turns REST off (%(default)s)"
@@ -227,6 +245,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="seconds between looks for a new version; 0 looks once, at start-up (%(default)s)",
     )
+
+
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
+    """How much the server takes on: requests and threads, message sizes, TensorFlow's threads, stopping, logs."""
     parser.add_argument(
         "--max_concurrent_requests",
         type=int,
@@ -257,7 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=0,
         help="threads that one operation of the model may use; 0: TensorFlow's choice, about one per core. With "
-        "several requests at once, 1 can serve more of them (see the README) (%(default)s)",
+        "several requests at once, 1 can serve more of them (docs/model-server.md) (%(default)s)",
     )
     parser.add_argument(
         "--tensorflow_inter_op_parallelism",
@@ -278,18 +300,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="on SIGTERM or SIGINT, how long in-flight requests may still take (%(default)s)",
     )
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
-    if args.model_base_path is None:
-        env_base = os.environ.get("MODEL_BASE_PATH")
-        args.model_base_path = os.path.join(env_base, args.model_name) if env_base else str(ROOT / MODEL_BASE_PATH)
-    if args.grpc_max_threads is None:
-        args.grpc_max_threads = max(args.max_concurrent_requests, 16) + SPARE_GRPC_THREADS
-    for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be 0 (TensorFlow's choice) or more")
-    if args.batching_parameters_file and not args.enable_batching:
-        parser.error("--batching_parameters_file needs --enable_batching")
-    return args
 
 
 def main(argv=None) -> int:

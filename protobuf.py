@@ -91,12 +91,19 @@ def _message(file, name, fields, maps=()):
 
 
 def _build_pool():
+    """A descriptor pool of its own with protobuf's Any and wrappers, then TensorFlow's and TF Serving's messages."""
     pool = descriptor_pool.DescriptorPool()
     for well_known in (any_pb2, wrappers_pb2):
         proto = descriptor_pb2.FileDescriptorProto()
         well_known.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
+    pool.Add(_framework_file())
+    pool.Add(_serving_file())
+    return pool
 
+
+def _framework_file() -> descriptor_pb2.FileDescriptorProto:
+    """TensorFlow's messages the API carries: tensors, their shapes, and signatures."""
     framework = descriptor_pb2.FileDescriptorProto(name="clothing/tensorflow_framework.proto", package="tensorflow")
     framework.syntax = "proto3"
     shape = _message(framework, "TensorShapeProto", [_field("unknown_rank", 3, _F.TYPE_BOOL)])
@@ -138,8 +145,11 @@ def _build_pool():
         [_field("method_name", 3, _F.TYPE_STRING)],
         maps=[("inputs", 1, ".tensorflow.TensorInfo"), ("outputs", 2, ".tensorflow.TensorInfo")],
     )
-    pool.Add(framework)
+    return framework
 
+
+def _serving_file() -> descriptor_pb2.FileDescriptorProto:
+    """TF Serving's PredictionService and ModelService messages, as far as the gateway and the server use them."""
     serving = descriptor_pb2.FileDescriptorProto(
         name="clothing/tensorflow_serving_apis.proto", package="tensorflow.serving"
     )
@@ -211,8 +221,7 @@ def _build_pool():
         "GetModelStatusResponse",
         [_field("model_version_status", 1, _F.TYPE_MESSAGE, ".tensorflow.serving.ModelVersionStatus", repeated=True)],
     )
-    pool.Add(serving)
-    return pool
+    return serving
 
 
 _POOL = _build_pool()

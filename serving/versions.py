@@ -67,8 +67,8 @@ def _direct_call(function):
     expose it.
 
     A loaded signature's public call binds its keyword arguments to the structured signature and looks up every
-    captured variable again on each call (43 of them in the stand-in): Python work that does not depend on the
-    request, about 0.4 ms of it per call on 2 cores (bench/bench_model_server.py measures it). Underneath is one
+    captured variable again on each call: Python work that does not depend on the request (bench/bench_model_server.py
+    measures what it costs). Underneath is one
     graph function that takes the input tensor and the captured handles, which do not change while the version is
     loaded. That is private TensorFlow API, so ServedVersion.warm_up uses it only after it has given the same
     answer as the public call; a signature with several inputs or outputs always takes the public call, where the
