@@ -48,7 +48,8 @@ import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -528,13 +529,190 @@ async def send(connection: Connection, request: Request, due: float, honour_retr
 
 def _event_loop_factory():
     """uvloop's event loop where it is installed (the gateway's environment has it), else asyncio's own (None).
-    The generator shares the machine with what it measures: on uvloop a request costs it about a quarter less CPU
-    (0.15-0.17 against 0.20-0.24 ms at 600 requests/s on 2 cores)."""
+    The generator shares the machine with what it measures, and on uvloop a request costs it less CPU."""
     try:
         import uvloop
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+@dataclass(eq=False)
+class _RunState:
+    """What one run sends and what came back: the requests, encoded once and handed out in turn by claim(), how to
+    send them, and the outcomes so far (appended on the loop's thread, read by the progress line)."""
+
+    prepared: list[Request]
+    connect: Callable[[], Connection]  # a new connection; a run's connections share the encoded requests
+    total: int  # requests to send at most
+    deadline: float  # time.monotonic() from which none is sent
+    stop: threading.Event  # once set, none is sent
+    detail: bool = False
+    honour_retry_after: bool = False
+    outcomes: list[Outcome] = field(default_factory=list)
+    issued: int = 0
+
+    def claim(self, at: float | None = None) -> int | None:
+        """The index of the next request to send (now, or at time.monotonic() time `at`), or None: done."""
+        when = time.monotonic() if at is None else at
+        if self.issued >= self.total or self.stop.is_set() or when >= self.deadline:
+            return None
+        self.issued += 1
+        return self.issued - 1
+
+    def request(self, index: int) -> Request:
+        return self.prepared[index % len(self.prepared)]
+
+
+async def _closed_client(state: _RunState) -> None:
+    """One client of the closed loop: it sends its next request as soon as the last is answered."""
+    connection = state.connect()
+    while (index := state.claim()) is not None:
+        outcome = await send(connection, state.request(index), time.perf_counter(), state.honour_retry_after)
+        state.outcomes.append(outcome)
+    connection.close()
+
+
+class _OpenLoop:
+    """The open loop: arrivals on the loop's timers and answers on the connections' callbacks, with no task,
+    coroutine or semaphore per request (a task is made only to open a connection). Up to `max_outstanding`
+    requests are out at once; later arrivals queue, and their latency still counts from their arrival."""
+
+    def __init__(self, state: _RunState, rate: float, max_outstanding: int, seed: int):
+        self.state, self.rate, self.max_outstanding = state, rate, max_outstanding
+        self.arrivals = random.Random(seed)  # noqa: S311 (reproducible arrival times, not a secret)
+        self.idle: list[Connection] = []
+        self.busy: set[Connection] = set()
+        self.queued: collections.deque = collections.deque()  # (index, due, retries) waiting for a free place
+        self.out = 0  # requests out (sent, connecting or waiting out a Retry-After)
+        self.scheduled = 0  # arrivals set on the loop's timers that have not come yet
+        self.issuing = True
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.all_done: asyncio.Future | None = None
+
+    async def run(self) -> None:
+        """Send every request as it arrives, wait for the last answer, then close the idle connections."""
+        self.loop = asyncio.get_running_loop()
+        self.all_done = self.loop.create_future()
+        sweeper = self.loop.create_task(self.sweep())
+        await self.issue()
+        self.issuing = False
+        if self.out or self.queued or self.scheduled:  # the last timers may still be due: a sleep can wake early
+            await self.all_done
+        sweeper.cancel()
+        for connection in self.idle:
+            connection.close()
+
+    async def issue(self) -> None:
+        """Set every arrival on the loop's timers and return after the last. Arrival times are drawn a little ahead,
+        a tenth of a second at a time."""
+        loop = self.loop
+        to_perf = time.perf_counter() - loop.time()  # loop.time() + to_perf: the perf_counter() time
+        due = last = loop.time()
+        while (index := self.state.claim(at=(due := due + self.arrivals.expovariate(self.rate)))) is not None:
+            loop.call_at(due, self.arrive, index, due + to_perf)
+            self.scheduled += 1
+            last = due
+            if due - loop.time() > 0.1:
+                await asyncio.sleep(due - loop.time() - 0.05)
+        await asyncio.sleep(max(0.0, last - loop.time()))  # until the last arrival
+
+    def arrive(self, index: int, due: float) -> None:
+        self.scheduled -= 1
+        if self.out >= self.max_outstanding:
+            self.queued.append((index, due, 0))
+            return
+        self.out += 1
+        self.go(index, due, 0)
+
+    def go(self, index: int, due: float, retries: int) -> None:
+        """Send the request on an idle connection that is still fit for it, else open a new one first."""
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.ready():
+                self.busy.add(connection)
+                answered = functools.partial(self.answered, connection, index, due, retries)
+                connection.start(self.state.request(index), answered)
+                return
+            connection.close()
+        connection = self.state.connect()
+        opening = self.loop.create_task(connection.connect())
+        opening.add_done_callback(functools.partial(self.opened, connection, index, due, retries))
+
+    def opened(self, connection: Connection, index: int, due: float, retries: int, task: asyncio.Task) -> None:
+        error = NoAnswer("cancelled") if task.cancelled() else task.exception()
+        if error is not None:
+            self.finish(_outcome(error, due, retries, self.state.detail)[0])
+            return
+        self.idle.append(connection)
+        self.go(index, due, retries)
+
+    def answered(self, connection: Connection, index: int, due: float, retries: int, answer) -> None:
+        self.busy.discard(connection)
+        if not isinstance(answer, BaseException):
+            self.idle.append(connection)
+        try:
+            outcome, wait = _outcome(answer, due, retries, self.state.detail)
+        except Exception as error:  # a fault here must not lose the request: it counts as one without an answer
+            outcome, wait = _outcome(error, due, retries, self.state.detail)[0], None
+        if self.state.honour_retry_after and wait is not None and retries < MAX_RETRIES:
+            self.loop.call_later(wait, self.go, index, due, retries + 1)  # keeps its place meanwhile
+            return
+        self.finish(outcome)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Count the request as done and send the first queued one in its place, or end the run after the last."""
+        self.state.outcomes.append(outcome)
+        self.out -= 1
+        if self.queued:
+            index, due, retries = self.queued.popleft()
+            self.out += 1
+            self.go(index, due, retries)
+        elif not self.issuing and self.out == 0 and not self.scheduled and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    async def sweep(self) -> None:
+        """Give up on answers past their deadline, checked a few times a second."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for connection in list(self.busy):
+                connection.expire(now)
+
+
+async def _watch(work: list[Coroutine], outcomes: list[Outcome], started: float, progress: Progress | None) -> None:
+    """Run the coroutines `work` together, showing the progress line as they go."""
+    runner = asyncio.gather(*work)
+    while not runner.done():
+        await asyncio.wait([runner], timeout=0.25)
+        if progress:
+            progress.show(outcomes, started)
+    await runner
+
+
+def _run_in_thread(main: Coroutine, stop: threading.Event, patience: float) -> None:
+    """Run the coroutine `main` on an event loop in a thread of its own, so this works where a loop already runs
+    (as in a notebook). Ctrl-C sets `stop` and waits up to `patience` seconds for the thread to end; an exception
+    raised in the thread is raised here."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+                runner.run(main)
+        except BaseException as error:  # surfaced in the calling thread below
+            failure.append(error)
+
+    thread = threading.Thread(target=target, name="loadtest", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.25)  # a short join keeps the main thread free to take Ctrl-C
+    except KeyboardInterrupt:
+        stop.set()
+        thread.join(patience)
+    if failure:
+        raise failure[0]
 
 
 def run(
@@ -567,149 +745,24 @@ def run(
     runs, as in a notebook)."""
     prepared = [prepare(photo, photo_base_url) for photo in photos]
     Connection(url, timeout)  # a bad URL fails here
-    connect = functools.partial(Connection, url, timeout, detail, {})  # the connections share the encoded requests
     stop = stop or threading.Event()
-    outcomes: list[Outcome] = []
-    issued = 0
     started = time.monotonic()
-    deadline = started + duration if duration else math.inf
-
-    def claim(at: float | None = None) -> int | None:
-        """The index of the next request to send (now, or at time.monotonic() time `at`), or None: done."""
-        nonlocal issued
-        if issued >= requests_total or stop.is_set() or (time.monotonic() if at is None else at) >= deadline:
-            return None
-        issued += 1
-        return issued - 1
-
-    async def closed_client() -> None:
-        connection = connect()
-        while (index := claim()) is not None:
-            request = prepared[index % len(prepared)]
-            outcomes.append(await send(connection, request, time.perf_counter(), honour_retry_after))
-        connection.close()
-
-    async def open_loop() -> None:
-        """Arrivals on timers and answers on callbacks: no task, coroutine or semaphore per request (a task is made
-        only to open a connection). Up to `max_outstanding` requests are out at once; later arrivals queue, and
-        their latency still counts from their arrival."""
-        loop = asyncio.get_running_loop()
-        arrivals = random.Random(seed)  # noqa: S311 (reproducible arrival times, not a secret)
-        to_perf = time.perf_counter() - loop.time()  # loop.time() + to_perf: the perf_counter() time
-        idle: list[Connection] = []
-        busy: set[Connection] = set()
-        queued: collections.deque = collections.deque()  # (index, due, retries) waiting for a free place
-        out = 0  # requests out (sent, connecting or waiting out a Retry-After)
-        issuing = True
-        all_done = loop.create_future()
-
-        def arrive(index: int, due: float) -> None:
-            nonlocal out
-            if out >= max_outstanding:
-                queued.append((index, due, 0))
-                return
-            out += 1
-            go(index, due, 0)
-
-        def go(index: int, due: float, retries: int) -> None:
-            while idle:
-                connection = idle.pop()
-                if connection.ready():
-                    busy.add(connection)
-                    connection.start(
-                        prepared[index % len(prepared)], functools.partial(answered, connection, index, due, retries)
-                    )
-                    return
-                connection.close()
-            connection = connect()
-            opening = loop.create_task(connection.connect())
-            opening.add_done_callback(functools.partial(opened, connection, index, due, retries))
-
-        def opened(connection: Connection, index: int, due: float, retries: int, task: asyncio.Task) -> None:
-            error = NoAnswer("cancelled") if task.cancelled() else task.exception()
-            if error is not None:
-                finish(_outcome(error, due, retries, detail)[0])
-                return
-            idle.append(connection)
-            go(index, due, retries)
-
-        def answered(connection: Connection, index: int, due: float, retries: int, answer) -> None:
-            busy.discard(connection)
-            if not isinstance(answer, BaseException):
-                idle.append(connection)
-            try:
-                outcome, wait = _outcome(answer, due, retries, detail)
-            except Exception as error:  # a fault here must not lose the request: it counts as one without an answer
-                outcome, wait = _outcome(error, due, retries, detail)[0], None
-            if honour_retry_after and wait is not None and retries < MAX_RETRIES:
-                loop.call_later(wait, go, index, due, retries + 1)  # keeps its place meanwhile
-                return
-            finish(outcome)
-
-        def finish(outcome: Outcome) -> None:
-            nonlocal out
-            outcomes.append(outcome)
-            out -= 1
-            if queued:
-                index, due, retries = queued.popleft()
-                out += 1
-                go(index, due, retries)
-            elif not issuing and out == 0 and not all_done.done():
-                all_done.set_result(None)
-
-        async def sweep() -> None:  # answers past their deadline, a few times a second
-            while True:
-                await asyncio.sleep(0.1)
-                now = time.monotonic()
-                for connection in list(busy):
-                    connection.expire(now)
-
-        sweeper = loop.create_task(sweep())
-        # Arrival times are drawn a little ahead and set on the loop's timers, a tenth of a second at a time.
-        due = last = loop.time()
-        while (index := claim(at=(due := due + arrivals.expovariate(rate)))) is not None:
-            loop.call_at(due, arrive, index, due + to_perf)
-            last = due
-            if due - loop.time() > 0.1:
-                await asyncio.sleep(due - loop.time() - 0.05)
-        await asyncio.sleep(max(0.0, last - loop.time()))  # until the last arrival
-        issuing = False
-        if out or queued:
-            await all_done
-        sweeper.cancel()
-        for connection in idle:
-            connection.close()
-
-    async def watch(work) -> None:
-        runner = asyncio.gather(*work)
-        while not runner.done():
-            await asyncio.wait([runner], timeout=0.25)
-            if progress:
-                progress.show(outcomes, started)
-        await runner
-
-    work = [open_loop()] if rate else [closed_client() for _ in range(concurrency)]
-    failure: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-                runner.run(watch(work))
-        except BaseException as error:  # surfaced in the calling thread below
-            failure.append(error)
-
-    thread = threading.Thread(target=loop, name="loadtest", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.25)  # a short join keeps the main thread free to take Ctrl-C
-    except KeyboardInterrupt:
-        stop.set()
-        thread.join(timeout + 1)
-    if failure:
-        raise failure[0]
+    state = _RunState(
+        prepared,
+        functools.partial(Connection, url, timeout, detail, {}),  # the connections share the encoded requests
+        requests_total,
+        started + duration if duration else math.inf,
+        stop,
+        detail,
+        honour_retry_after,
+    )
+    if rate:
+        work = [_OpenLoop(state, rate, max_outstanding, seed).run()]
+    else:
+        work = [_closed_client(state) for _ in range(concurrency)]
+    _run_in_thread(_watch(work, state.outcomes, started, progress), stop, timeout + 1)
     mode = "open" if rate else "closed"
-    summary = Summary(list(outcomes), time.monotonic() - started, requests_total, mode, concurrency, rate or 0.0)
+    summary = Summary(list(state.outcomes), time.monotonic() - started, requests_total, mode, concurrency, rate or 0.0)
     if progress:
         progress.show(summary.outcomes, started, final=True)
     return summary

@@ -147,7 +147,8 @@ def test_a_polite_client_waits_out_retry_after_then_sends_again(loop):
     with raw_server(lambda n: replies[min(n, 1)]) as (url, seen):
         summary = load(url, 1, loop, honour_retry_after=True)
     (outcome,) = summary.outcomes
-    assert outcome.status == 200 and outcome.retries == 1 and outcome.seconds >= 1.0
+    # uvloop's timers count whole milliseconds: a wait of 1 s can end a fraction of one early.
+    assert outcome.status == 200 and outcome.retries == 1 and outcome.seconds >= 0.99
     assert len(seen) == 2
 
 
