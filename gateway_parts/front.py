@@ -27,6 +27,8 @@ ACCESS_LOG = logging.getLogger("gateway.access")  # one line per request; gunico
 # Threads per process for everything but POST /predict (the page, health, readiness, metrics): they never wait
 # behind predictions.
 OTHER_THREADS = 4
+# The request head's fields the front reads (ASGI gives header names lower-case).
+_HEAD_FIELDS = frozenset({b"content-length", b"x-request-id", b"expect"})
 
 
 class _ClientGone(Exception):
@@ -142,7 +144,3 @@ class Front:
         milliseconds = round((time.perf_counter() - arrived) * 1000)
         line = f'"{scope["method"]} {target} HTTP/{scope["http_version"]}" {status} {size} {milliseconds}ms'
         ACCESS_LOG.info("%s %s rid=%s", client, line, rid)
-
-
-# The request head's fields the front reads (ASGI gives header names lower-case).
-_HEAD_FIELDS = frozenset({b"content-length", b"x-request-id", b"expect"})

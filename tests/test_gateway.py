@@ -19,6 +19,7 @@ from PIL import Image
 import gateway
 import photos
 from contract import CLASSES, IMAGE_SIZE
+from gateway_parts import intake
 from gateway_parts.documents import api_document
 from gateway_parts.errors import model_error
 from gateway_parts.images import decode_image
@@ -344,6 +345,13 @@ def test_the_api_document_is_valid_openapi_and_names_exactly_the_apps_routes(cli
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert served == {(path, method) for path, operations in document["paths"].items() for method in operations}
+    # What the document repeats of the contract and the code, held to them.
+    scores = document["components"]["schemas"]["Scores"]
+    assert list(scores["properties"]) == scores["required"] == list(CLASSES)
+    top = document["components"]["schemas"]["DetailedPredictions"]["properties"]["predictions"]["items"]
+    assert top["properties"]["top"]["items"]["properties"]["class"]["enum"] == list(CLASSES)
+    request_id_header = next(p for p in document["paths"]["/predict"]["post"]["parameters"] if p["in"] == "header")
+    assert request_id_header["schema"]["pattern"] == intake._REQUEST_ID.pattern
 
 
 # ---- URLs: fetched safely, localhost only when allowed ----------------------------------------------
