@@ -138,9 +138,13 @@ MODEL_SERVER_IMAGE ?= zoomcamp-10-model-server:xception-v4-001
 GATEWAY_IMAGE ?= zoomcamp-10-gateway:001
 # The Python base of the gateway and model-server images; empty: the Dockerfiles' default (the official image).
 PYTHON_IMAGE ?=
-# More `docker build` flags, e.g. DOCKER_BUILD_FLAGS="--platform linux/arm64".
+# The platform to build for: PLATFORM=linux/arm64 builds arm64 images on an x86-64 machine (Docker Desktop emulates
+# it; on Linux, qemu-user-static does) or the reverse; empty: this machine's own.
+PLATFORM ?=
+# More `docker build` flags, e.g. DOCKER_BUILD_FLAGS="--network host".
 DOCKER_BUILD_FLAGS ?=
-DOCKER_BUILD = docker build $(DOCKER_BUILD_FLAGS) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+DOCKER_BUILD = docker build $(if $(PLATFORM),--platform $(PLATFORM)) $(DOCKER_BUILD_FLAGS) \
+  $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
 ifeq ($(filter $(MODEL_SERVER),tf-serving local),)
 $(error MODEL_SERVER=$(MODEL_SERVER): use tf-serving (the default) or local)
 endif
@@ -175,7 +179,8 @@ with urllib.request.urlopen(request, timeout=60) as response:
 endef
 export GATEWAY_SMOKE_PY
 
-.PHONY: build build-gpu compose-up compose-down compose-test _need-model _need-docker _need-compose _compose-choice
+.PHONY: build build-model build-gateway build-gpu compose-up compose-down compose-test _need-model _need-docker _need-compose _compose-choice \
+  _platform-choice
 
 _need-model:
 	@test -f $(MODEL_BASE)/$(MODEL_VERSION)/saved_model.pb || { \
@@ -192,13 +197,21 @@ _compose-choice:
 _need-compose: _need-docker
 	@test -n "$(COMPOSE)" || { echo "Docker Compose not found: neither \`docker compose\` nor \`docker-compose\` works. Install the compose plugin." >&2; exit 1; }
 
-build: _need-model _need-docker ## Build the model and gateway images (after `make model`; MODEL_SERVER=local: our model server)
+_platform-choice:
+	@test -z "$(filter %arm64 %arm64/v8,$(PLATFORM))" -o -n "$(LOCAL_MODEL_SERVER)" || { \
+	  echo "PLATFORM=$(PLATFORM): tensorflow/serving publishes amd64 images only; add MODEL_SERVER=local for our model server." >&2; exit 1; }
+
+build: build-model build-gateway ## Build the model and gateway images (after `make model`; MODEL_SERVER=local: our model server; PLATFORM=linux/arm64)
+
+build-model: _platform-choice _need-model _need-docker ## The model tier's image alone (MODEL_SERVER=local: ours)
 ifeq ($(LOCAL_MODEL_SERVER),local)
 	$(DOCKER_BUILD) -f dockerfiles/image-model-server.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) \
 	  -t $(MODEL_SERVER_IMAGE) .
 else
 	$(DOCKER_BUILD) -f dockerfiles/image-model.dockerfile --build-arg MODEL_VERSION=$(MODEL_VERSION) -t $(MODEL_IMAGE) .
 endif
+
+build-gateway: _need-docker ## The gateway's image alone
 	$(DOCKER_BUILD) -f dockerfiles/image-gateway.dockerfile -t $(GATEWAY_IMAGE) .
 
 build-gpu: _need-model _need-docker ## Build the GPU model image (MODEL_GPU_IMAGE) on TF Serving's CUDA build

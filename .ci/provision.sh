@@ -1,6 +1,7 @@
 # What only CI needs from the system, sourced by .ci/run: a Docker engine with the compose and buildx plugins,
-# the tools the container tests use (mmdebstrap for a stand-in base image), and chromium for the page test. `make test` never installs
-# system software; where these are missing it skips the tests that need them and says why.
+# the tools the container tests use (mmdebstrap for a stand-in base image), emulation of arm64 for the arm64 images,
+# and chromium for the page test. `make test` never installs system software; where these are missing it skips the
+# tests that need them and says why.
 #
 # Everything started here is stopped again on exit (the trap below), whatever the tests did.
 
@@ -125,4 +126,26 @@ ci_browser() {
   fi
   ci_say "$(chromium --version 2>/dev/null | head -n 1)"
   export ZOOMCAMP_REQUIRE_BROWSER=1
+}
+
+# arm64 under emulation: qemu-user-static registers qemu-aarch64 in binfmt_misc with the F flag (the interpreter is
+# opened at registration, so the containers need nothing of it inside), and arch-test lets mmdebstrap make an arm64
+# root filesystem. Then arm64 images build and run on this x86-64 machine.
+ci_arm64() {
+  local entry=/proc/sys/fs/binfmt_misc/qemu-aarch64
+  if ci_can_apt; then
+    ci_apt_install qemu-user-static binfmt-support arch-test mmdebstrap
+    [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    [ -e "$entry" ] || update-binfmts --enable qemu-aarch64
+  fi
+  if [ ! -e "$entry" ]; then
+    ci_say "qemu-aarch64 is not registered in binfmt_misc, and there is no root with apt to do it: the arm64 tests will skip"
+    return 0
+  fi
+  if ! head -n 1 "$entry" | grep -qx enabled || ! grep -q '^flags:.*F' "$entry"; then
+    ci_say "qemu-aarch64 is registered but not enabled with the F flag:"; cat "$entry" >&2; return 1
+  fi
+  ci_say "arm64 under emulation: $(grep '^interpreter' "$entry"), $(grep '^flags' "$entry")"
+  # Here, emulation is part of the machine: the arm64 tests must run, and fail rather than skip.
+  export ZOOMCAMP_REQUIRE_ARM64=1
 }

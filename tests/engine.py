@@ -1,7 +1,8 @@
 """A Docker engine for the tests: whether one answers, the Python base image, image builds and containers.
 
 Where no engine answers, the container tests skip and say why. Where `.ci/run` provisioned one, it sets
-ZOOMCAMP_REQUIRE_DOCKER=1, and the same conditions fail instead: in CI a missing piece is a broken build.
+ZOOMCAMP_REQUIRE_DOCKER=1, and the same conditions fail instead: in CI a missing piece is a broken build. The
+same holds for arm64 under emulation (qemu-aarch64 in binfmt_misc) and ZOOMCAMP_REQUIRE_ARM64=1.
 
 The Dockerfiles take their Python base as a build argument, the official image by default. Where that image
 cannot be pulled (a machine without a registry), the harness makes a stand-in from Debian packages with
@@ -33,8 +34,10 @@ import photos
 from conftest import ROOT
 
 DOCKERFILES = ROOT / "dockerfiles"
-REQUIRED = os.environ.get("ZOOMCAMP_REQUIRE_DOCKER") == "1"
+DOCKER_SWITCH, ARM64_SWITCH = "ZOOMCAMP_REQUIRE_DOCKER", "ZOOMCAMP_REQUIRE_ARM64"
 STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11"
+ARM64_STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11-arm64"
+BINFMT_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 # Lines for the end of the test run (conftest's pytest_terminal_summary prints them once).
 NOTES: list[str] = []
 
@@ -45,11 +48,11 @@ def note(line: str) -> None:
         print(f"[docker] {line}")
 
 
-def unavailable(reason: str):
-    """Skip, or fail where CI provisioned an engine and so every container test must run."""
-    if REQUIRED:
-        pytest.fail(f"{reason} (ZOOMCAMP_REQUIRE_DOCKER=1: this machine is meant to run the container tests)")
-    pytest.skip(reason)
+def unavailable(reason: str, switch: str = DOCKER_SWITCH):
+    """Skip, or fail where CI provided what is missing (it sets `switch` to 1) and so every such test must run."""
+    if os.environ.get(switch) == "1":
+        pytest.fail(f"{reason} ({switch}=1: this machine is meant to run these tests)")
+    pytest.skip(f"{reason} (where it provides this, CI sets {switch}=1 and this skip becomes a failure)")
 
 
 def run(command: list[str], timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -124,28 +127,36 @@ def _debian_sources() -> tuple[str, str | None]:
     return release["VERSION_CODENAME"].strip('"'), (uris[0] if uris else None)
 
 
-def _make_standin(image: str) -> None:
+def _debian_rootfs(rootfs: Path, architecture: str = "") -> str:
+    """A minimal Debian root filesystem with Python 3 and venv, as a tar at `rootfs`, for this machine's
+    architecture or another one (its maintainer scripts then run under qemu). Returns the Debian suite."""
     if not shutil.which("mmdebstrap"):
         raise RuntimeError("mmdebstrap is not installed, so no stand-in base can be made (apt install mmdebstrap)")
     suite, mirror = _debian_sources()
+    command = [
+        "mmdebstrap",
+        "--variant=minbase",
+        *([f"--architectures={architecture}"] if architecture else []),
+        "--include=python3,python3-venv,ca-certificates",
+        "--aptopt=APT::Install-Recommends false",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        # This machine's trust store: pip inside the builds reaches the package index through it.
+        "--customize-hook=copy-in /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs",
+        suite,
+        str(rootfs),
+        *([mirror] if mirror else []),
+    ]
+    run(command, timeout=1800)
+    return suite
+
+
+def _make_standin(image: str) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as work:
         rootfs = Path(work) / "rootfs.tar"
-        command = [
-            "mmdebstrap",
-            "--variant=minbase",
-            "--include=python3,python3-venv,ca-certificates",
-            "--aptopt=APT::Install-Recommends false",
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/locale/*",
-            # This machine's trust store: pip inside the builds reaches the package index through it.
-            "--customize-hook=copy-in /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs",
-            suite,
-            str(rootfs),
-            *([mirror] if mirror else []),
-        ]
-        run(command, timeout=900)
+        suite = _debian_rootfs(rootfs)
         run(
             [
                 "docker",
@@ -181,6 +192,59 @@ def python_base() -> str:
     else:
         note(f"using the stand-in base {STANDIN_IMAGE} made earlier")
     return STANDIN_IMAGE
+
+
+# ---- arm64 under emulation -------------------------------------------------------------------------------
+
+
+@functools.cache
+def arm64_problem() -> str | None:
+    """Why arm64 images cannot be built and run here, or None: an engine, qemu-aarch64 registered with the F flag
+    (the interpreter opened at registration, so containers need nothing of it), and mmdebstrap with arch-test."""
+    problem = engine_problem()
+    if problem:
+        return problem
+    if not BINFMT_AARCH64.is_file():
+        return "no arm64 emulation: qemu-aarch64 is not registered in binfmt_misc (apt install qemu-user-static)"
+    lines = BINFMT_AARCH64.read_text().splitlines()
+    flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags:")), "")
+    if lines[:1] != ["enabled"]:
+        return "no arm64 emulation: qemu-aarch64 is registered in binfmt_misc but disabled (update-binfmts --enable)"
+    if "F" not in flags:
+        return f"qemu-aarch64 is registered without the F flag (flags: {flags!r}): containers cannot find qemu"
+    missing = [tool for tool in ("mmdebstrap", "arch-test") if not shutil.which(tool)]
+    if missing:
+        return f"{' and '.join(missing)} not installed: no arm64 base can be made (apt install mmdebstrap arch-test)"
+    return None
+
+
+def architecture(image: str) -> str:
+    return run(["docker", "image", "inspect", "--format", "{{.Architecture}}", image]).stdout.strip()
+
+
+@functools.cache
+def arm64_python_base() -> str:
+    """A Python base for arm64 builds: a stand-in made from Debian's arm64 packages (mmdebstrap under qemu), kept
+    in the engine between runs. `FROM scratch` + `ADD` built with --platform labels it arm64, which `docker import`
+    does not on every engine."""
+    problem = arm64_problem()
+    if problem:
+        unavailable(problem, ARM64_SWITCH)
+    if image_exists(ARM64_STANDIN_IMAGE) and architecture(ARM64_STANDIN_IMAGE) == "arm64":
+        note(f"using the arm64 stand-in base {ARM64_STANDIN_IMAGE} made earlier")
+        return ARM64_STANDIN_IMAGE
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as work:
+        suite = _debian_rootfs(Path(work) / "rootfs.tar", "arm64")
+        description = f"stand-in Python base made from Debian {suite} arm64 packages"
+        (Path(work) / "Dockerfile").write_text(
+            "FROM scratch\nADD rootfs.tar /\nENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt\n"
+            f'LABEL org.opencontainers.image.description="{description}"\nCMD ["python3"]\n'
+        )
+        run(["docker", "build", "--platform", "linux/arm64", "-t", ARM64_STANDIN_IMAGE, work], timeout=900)
+    machine = run(["docker", "run", "--rm", "--platform", "linux/arm64", ARM64_STANDIN_IMAGE, "uname", "-m"]).stdout
+    note(f"made the arm64 stand-in base ({machine.strip()}, Debian {suite}) in {time.monotonic() - started:.0f} s")
+    return ARM64_STANDIN_IMAGE
 
 
 def build(dockerfile: Path, tag: str, context: Path = ROOT, build_args: dict[str, str] | None = None) -> float:
@@ -285,6 +349,19 @@ def model_build_context(model_base: Path, context: Path) -> Path:
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, context / name)
     shutil.copytree(ROOT / "serving", context / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(model_base, context / MODEL_BASE_PATH)
+    return context
+
+
+def repository_context(model_base: Path, context: Path) -> Path:
+    """A copy of the repository (without environments, caches and build output) with `model_base` as
+    models/clothing-model: where `make build` can run as a user runs it, without a stand-in in the real models/."""
+    from contract import MODEL_BASE_PATH
+
+    skipped = shutil.ignore_patterns(
+        ".git", ".venv", ".tools", "build", "models", "__pycache__", ".*_cache", ".hypothesis"
+    )
+    shutil.copytree(ROOT, context, ignore=skipped, dirs_exist_ok=True)
     shutil.copytree(model_base, context / MODEL_BASE_PATH)
     return context
 

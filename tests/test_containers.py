@@ -476,6 +476,11 @@ def test_make_build_builds_the_chosen_model_server_on_the_chosen_base():
     assert all("--build-arg PYTHON_IMAGE=base:1" in line and "--pull" in line for line in local)
     wrong = subprocess.run(["make", "-n", "build", "MODEL_SERVER=tfs"], capture_output=True, text=True, cwd=ROOT)
     assert wrong.returncode != 0 and "use tf-serving (the default) or local" in wrong.stderr
+    arm64 = builds("MODEL_SERVER=local", "PLATFORM=linux/arm64")
+    assert len(arm64) == 2 and all(line.startswith("docker build --platform linux/arm64 ") for line in arm64)
+    # tensorflow/serving has no arm64 image: make says so instead of failing on a pull.
+    tf_serving = subprocess.run(["make", "build", "PLATFORM=linux/arm64"], capture_output=True, text=True, cwd=ROOT)
+    assert tf_serving.returncode != 0 and "publishes amd64 images only" in tf_serving.stderr
 
 
 def test_make_container_targets_stop_clearly_without_docker(tmp_path):
@@ -483,7 +488,7 @@ def test_make_container_targets_stop_clearly_without_docker(tmp_path):
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "saved_model.pb").touch()
     no_engine = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
-    for target in ("build", "build-gpu", "compose-up", "compose-down", "compose-test"):
+    for target in ("build", "build-model", "build-gateway", "build-gpu", "compose-up", "compose-down", "compose-test"):
         result = subprocess.run(
             ["make", "--no-print-directory", target, f"MODEL_BASE={tmp_path}"],
             capture_output=True,

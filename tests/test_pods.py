@@ -76,7 +76,7 @@ class Pods:
         return [*self.models, self.gateway]
 
 
-def start_pods(target: str, model_image: str, gateway_image: str) -> Pods:
+def start_pods(target: str, model_image: str, gateway_image: str, label: str = "") -> Pods:
     network = unique("zoomcamp-10-pods")
     run(["docker", "network", "create", network])
     gateway_pod = PodContainer(
@@ -100,8 +100,8 @@ def start_pods(target: str, model_image: str, gateway_image: str) -> Pods:
         raise
     budgets = [pod.startup_budget() for pod in pods.all()]
     note(
-        f"{target} pods on Docker: model replicas Ready after {ready[0]:.0f} and {ready[1]:.0f} s, the gateway after "
-        f"{ready[2]:.0f} s (the probes allow {budgets[0]:.0f} and {budgets[2]:.0f} s)"
+        f"{target} pods on Docker{label}: model replicas Ready after {ready[0]:.0f} and {ready[1]:.0f} s, the gateway "
+        f"after {ready[2]:.0f} s (the probes allow {budgets[0]:.0f} and {budgets[2]:.0f} s)"
     )
     return pods
 
