@@ -89,6 +89,9 @@ ci_docker_engine() {
     done
     ci_say "dockerd answers after ${waited} s"
   fi
+  # Here, an engine is part of the machine: the container tests must run, and fail rather than skip, whatever of
+  # the rest (plugins, mmdebstrap) cannot be installed below.
+  export ZOOMCAMP_REQUIRE_DOCKER=1
   # Plugins in a private CLI config, so nothing in the user's ~/.docker changes.
   export DOCKER_CONFIG
   DOCKER_CONFIG=$(mktemp -d)
@@ -102,8 +105,6 @@ ci_docker_engine() {
   ci_docker_plugins
   # The tests make a stand-in Python base from Debian packages when the official one cannot be pulled.
   command -v mmdebstrap >/dev/null 2>&1 || ci_apt_install mmdebstrap
-  # Here, an engine is part of the machine: the container tests must run, and fail rather than skip.
-  export ZOOMCAMP_REQUIRE_DOCKER=1
 }
 
 ci_stop_dockerd() {
@@ -148,4 +149,15 @@ ci_arm64() {
   ci_say "arm64 under emulation: $(grep '^interpreter' "$entry"), $(grep '^flags' "$entry")"
   # Here, emulation is part of the machine: the arm64 tests must run, and fail rather than skip.
   export ZOOMCAMP_REQUIRE_ARM64=1
+}
+
+# The clothing photos beside the repository (../shared/data), for the parity checks against keras-image-helper.
+ci_dataset() {
+  local dataset=${CLOTHING_DATASET:-../shared/data/clothing-dataset-small}
+  if [ -d "$dataset/test" ]; then
+    ci_say "the clothing photos are at $dataset"
+    export ZOOMCAMP_REQUIRE_DATASET=1
+  else
+    ci_say "no clothing photos at $dataset: the tests that compare on them will skip"
+  fi
 }

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import capabilities
 from contract import MODEL_NAME
 
 # The Docker harness: the engine checks, the images built once per session, the run's docker summary.
@@ -94,7 +95,9 @@ def photo_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset() -> Path:
     if not (DATASET / "test").is_dir():
-        pytest.skip(f"the clothing photos are not at {DATASET} (set CLOTHING_DATASET to their folder)")
+        capabilities.unavailable(
+            f"the clothing photos are not at {DATASET} (set CLOTHING_DATASET to their folder)", capabilities.DATASET
+        )
     return DATASET
 
 

@@ -15,7 +15,6 @@ import functools
 import http.server
 import ipaddress
 import json
-import os
 import re
 import shutil
 import socket
@@ -30,11 +29,11 @@ from pathlib import Path
 import pytest
 import requests
 
+import capabilities
 import photos
 from conftest import ROOT
 
 DOCKERFILES = ROOT / "dockerfiles"
-DOCKER_SWITCH, ARM64_SWITCH = "ZOOMCAMP_REQUIRE_DOCKER", "ZOOMCAMP_REQUIRE_ARM64"
 STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11"
 ARM64_STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11-arm64"
 BINFMT_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
@@ -48,11 +47,9 @@ def note(line: str) -> None:
         print(f"[docker] {line}")
 
 
-def unavailable(reason: str, switch: str = DOCKER_SWITCH):
-    """Skip, or fail where CI provided what is missing (it sets `switch` to 1) and so every such test must run."""
-    if os.environ.get(switch) == "1":
-        pytest.fail(f"{reason} ({switch}=1: this machine is meant to run these tests)")
-    pytest.skip(f"{reason} (where it provides this, CI sets {switch}=1 and this skip becomes a failure)")
+def unavailable(reason: str, switch: str = capabilities.DOCKER):
+    """Skip, or fail where CI provides what is missing: capabilities.unavailable, Docker's switch by default."""
+    capabilities.unavailable(reason, switch)
 
 
 def run(command: list[str], timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -229,7 +226,7 @@ def arm64_python_base() -> str:
     does not on every engine."""
     problem = arm64_problem()
     if problem:
-        unavailable(problem, ARM64_SWITCH)
+        unavailable(problem, capabilities.ARM64)
     if image_exists(ARM64_STANDIN_IMAGE) and architecture(ARM64_STANDIN_IMAGE) == "arm64":
         note(f"using the arm64 stand-in base {ARM64_STANDIN_IMAGE} made earlier")
         return ARM64_STANDIN_IMAGE
@@ -429,7 +426,10 @@ def tf_serving_base(docker_engine) -> str:
 
     (image,) = set(base_images(MODEL_DOCKERFILE))
     if not pullable(image):
-        pytest.skip(f"{image} cannot be pulled here: the compose and pod runs use our model-server image only")
+        unavailable(
+            f"{image} cannot be pulled here: the compose and pod runs use our model-server image only",
+            capabilities.TF_SERVING,
+        )
     return image
 
 

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
+import capabilities
 import contract
 from conftest import ROOT
 from engine import succeeds
@@ -294,7 +295,10 @@ def test_compose_files_match_the_compose_specification(path):
 def test_docker_compose_config_accepts_the_files(files):
     command = compose_command()
     if command is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed here (the schema test still runs)")
+        capabilities.unavailable(
+            "neither `docker compose` nor `docker-compose` is installed here (the schema test still runs)",
+            capabilities.DOCKER,
+        )
     file_args = [arg for path in files for arg in ("-f", str(path))]
     result = subprocess.run([*command, *file_args, "config", "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -338,11 +342,11 @@ def test_batching_config_parses_as_tf_serving_batching_parameters():
 def test_model_image_serves_the_contract_model_on_the_contract_ports(dockerfile):
     stage = final_stage(dockerfile)
     assert env_of(stage)["MODEL_NAME"] == contract.MODEL_NAME
-    # TF Serving's entrypoint serves ${MODEL_BASE_PATH}/${MODEL_NAME}, /models by default: the contract's layout.
+    # TF Serving's entrypoint serves ${MODEL_BASE_PATH}/${MODEL_NAME}, and its image sets MODEL_BASE_PATH=/models:
+    # the model must land in /models/<name>/<version>, with the base path left as the image sets it.
     assert "MODEL_BASE_PATH" not in env_of(stage)
-    assert f"/models/{contract.MODEL_NAME}/1" == MODEL_DIR_IN_IMAGE
     destinations = [arguments.split()[-1] for arguments in args_of(stage, "COPY")]
-    assert MODEL_DIR_IN_IMAGE in destinations
+    assert f"/models/{contract.MODEL_NAME}/1" in destinations
     assert exposed(dockerfile) == {contract.GRPC_PORT, contract.REST_PORT}
     (user,) = args_of(stage, "USER")
     assert int(user.split(":")[0]) > 0, "the model server runs as a numeric non-root user"
@@ -517,14 +521,10 @@ def test_gateway_image_copies_exactly_the_gateway_files():
 
 @pytest.mark.parametrize("name", sorted(GATEWAY_FILES))
 def test_gateway_files_exist(name):
-    if name == "gateway.py" and not (ROOT / name).exists():
-        pytest.skip("gateway.py is not written yet")
     assert (ROOT / name).is_file()
 
 
 def test_everything_the_gateway_imports_from_the_repo_is_in_the_image():
-    if not (ROOT / "gateway.py").is_file():
-        pytest.skip("gateway.py is not written yet")
     needed = runtime_dependencies("default", "gateway", GATEWAY_FILES)[0] | {"gunicorn.conf.py"}
     needed |= runtime_dependencies("default", "gunicorn.conf", GATEWAY_FILES)[0]
     assert needed <= GATEWAY_FILES, f"the image lacks {sorted(needed - GATEWAY_FILES)}"

@@ -13,6 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+import capabilities
 from conftest import DATASET, NOTEBOOKS, PANTS, ROOT
 from contract import CLASSES, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, SIGNATURE_NAME
 
@@ -52,7 +53,9 @@ def test_course_model_reproduces_published_pants_logits(tmp_path):
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
         except OSError as error:
-            pytest.skip(f"the course model is not reachable from here ({url}: {error})")
+            capabilities.unavailable(
+                f"the course model is not reachable from here ({url}: {error})", capabilities.COURSE_MODEL
+            )
 
     base = tmp_path / "clothing-model"
     papermill.execute_notebook(

@@ -16,6 +16,7 @@ import shutil
 import pytest
 import requests
 
+import capabilities
 import photos
 from conftest import ROOT
 from contract import CLASSES
@@ -40,9 +41,7 @@ def chromium() -> str:
     if path:
         return path
     reason = "no chromium on PATH (Debian: apt install chromium; or set CHROMIUM to a Chromium executable)"
-    if os.environ.get("ZOOMCAMP_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (ZOOMCAMP_REQUIRE_BROWSER=1: this machine is meant to run the browser test)")
-    pytest.skip(reason)
+    capabilities.unavailable(reason, capabilities.BROWSER)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_the_page_is_self_contained_and_forbids_loading_anything_else(served):
     assert "<link" not in html and 'src="http' not in html
 
 
-def test_a_dropped_photo_becomes_a_chart_that_matches_the_api(served, browser, tmp_path):
+def test_a_chosen_photo_becomes_a_chart_that_matches_the_api(served, browser, tmp_path):
     photo = tmp_path / "shirt.jpg"
     photo.write_bytes(photos.jpeg(seed=21, exif_orientation=1))
     expected = requests.post(
@@ -110,6 +109,31 @@ def test_a_dropped_photo_becomes_a_chart_that_matches_the_api(served, browser, t
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert not failures and not outside, (failures, outside)
+    page.close()
+
+
+DROP = """bytes => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", { type: "image/jpeg" }));
+    return transfer;
+}"""
+
+
+def test_a_photo_dropped_on_the_page_is_classified(served, browser):
+    """Drag and drop as a browser delivers it: dragenter marks the drop zone, the drop carries the file."""
+    data = photos.jpeg(seed=22)
+    expected = requests.post(f"{served.url}/predict?detail=1", files={"image": data}, timeout=30).json()
+    page = browser.new_page()
+    page.goto(f"{served.url}/")
+    transfer = page.evaluate_handle(DROP, list(data))
+    page.dispatch_event("#drop", "dragenter", {"dataTransfer": transfer})
+    assert "over" in page.get_attribute("#drop", "class").split()
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#bars .bar.top", timeout=30_000)
+    assert "over" not in page.get_attribute("#drop", "class").split()
+    top = page.eval_on_selector("#bars .bar.top", "row => row.dataset.class")
+    assert top == expected["predictions"][0]["top"][0]["class"]
+    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == photos.PHOTO_SIZE[0]
     page.close()
 
 
