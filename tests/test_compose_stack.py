@@ -82,6 +82,7 @@ def stack(gateway_image, model_server_image, photo_server):
 
 
 def check_course_request(stack: Stack, reference: np.ndarray) -> None:
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300")  # as compose-up leaves it, whatever ran before
     (url,) = stack.gateway_urls()
     status, _, answer = call("POST", f"{url}/predict", json={"url": stack.photo_url})
     assert status == 200, answer
@@ -112,15 +113,18 @@ def check_stopping_the_gateways_under_load(stack: Stack) -> None:
 
     The clients go to the containers' own addresses: through a published port, docker-proxy accepts every
     connection itself and closes it when the container refuses, which would hide the gateway's behaviour."""
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300", "--scale", f"gateway={SCALE}")
     urls = stack.gateway_addresses()
-    assert len(urls) == SCALE, "runs after the scale-up"
+    assert len(urls) == SCALE
     load = Load([f"{url}/predict" for url in urls], PHOTO, clients=8, max_requests=3000, max_seconds=90).start()
     while load.count() < 40:
         time.sleep(0.05)
     stop_sent = time.monotonic()
     stack.compose("stop", "--timeout", "30", "gateway")
     stopped = time.monotonic()
-    time.sleep(0.5)
+    after = load.count() + 8  # a few requests more, to gateways that are gone
+    while load.count() < after and time.monotonic() < stopped + 10:
+        time.sleep(0.05)
     outcomes = load.stop()
     handled = access_log_statuses(stack.compose("logs", "--no-log-prefix", "gateway").stdout)
     before = [o for o in outcomes if o.started < stop_sent]

@@ -7,8 +7,6 @@ answers these skip and say why; in CI (ZOOMCAMP_REQUIRE_DOCKER=1) they fail inst
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -24,6 +22,11 @@ from test_k8s import container as manifest_container
 from test_k8s import pod_spec
 
 pytestmark = pytest.mark.docker
+
+
+def image_user(image: str) -> str:
+    """The USER the image itself declares (what `docker run` without --user runs as)."""
+    return run(["docker", "image", "inspect", "--format", "{{.Config.User}}", image]).stdout.strip()
 
 
 def locked_down(name: str, deployment: str) -> list[str]:
@@ -43,7 +46,8 @@ def test_gateway_image_runs_locked_down_and_turns_healthy(gateway_image):
         run(["docker", "run", "-d", *locked_down(name, "gateway"), gateway_image], timeout=60)
         seconds = wait_healthy(name, timeout=60)
         state = inspect(name)
-        assert state["Config"]["User"] == "10001:10001"
+        # The image itself runs as the manifest's user, so a plain `docker run` is not root either.
+        assert image_user(gateway_image) == "10001:10001" == state["Config"]["User"]
         assert state["HostConfig"]["ReadonlyRootfs"] is True
         assert run(["docker", "exec", name, "id", "-u"]).stdout.strip() == "10001"
         # Nothing outside the emptyDir mounts is writable.
@@ -85,7 +89,7 @@ def test_model_server_image_has_tf_servings_contract(model_server_image, standin
         environment = dict(item.split("=", 1) for item in config["Env"])
         assert (environment["MODEL_NAME"], environment["MODEL_BASE_PATH"]) == (contract.MODEL_NAME, "/models")
         assert set(config["ExposedPorts"]) == {f"{contract.GRPC_PORT}/tcp", f"{contract.REST_PORT}/tcp"}
-        assert config["User"] == "65534:65534"
+        assert image_user(model_server_image) == "65534:65534" == config["User"]
         logs = run(["docker", "logs", name]).stderr
         assert f"from /models/{contract.MODEL_NAME}/1" in logs and "Batching on" in logs
         batch = np.stack([gateway.preprocess(photos.jpeg(seed), gateway.Settings()) for seed in range(3)])
@@ -93,12 +97,11 @@ def test_model_server_image_has_tf_servings_contract(model_server_image, standin
         assert np.abs(served - standin_keras(batch, training=False).numpy()).max() <= 1e-4
         print(f"model-server image healthy after {seconds:.1f} s")
 
-        # PID 1 is the server: SIGTERM is an orderly stop, well inside docker's 10 s before SIGKILL.
-        started = time.monotonic()
+        # PID 1 is the server: SIGTERM is an orderly stop, before docker's SIGKILL after 10 s (exit code 137).
         run(["docker", "stop", name], timeout=30)
-        assert time.monotonic() - started < 9
         assert inspect(name)["State"]["ExitCode"] == 0
-        assert "SIGTERM: stopping" in run(["docker", "logs", name]).stderr
+        stopped = run(["docker", "logs", name]).stderr
+        assert "SIGTERM: stopping" in stopped and "Stopped" in stopped
     finally:
         remove(name)
 

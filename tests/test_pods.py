@@ -8,6 +8,7 @@ Service does, and the gateway's `dns:///clothing-model-headless:8500` must sprea
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from engine import (
     run,
     unique,
 )
-from kubelet import PodContainer, quantity_bytes, quantity_cpus
+from kubelet import PodContainer
 from test_containers import MODEL_DOCKERFILE
 from test_k8s import GATEWAY, MODEL, container, objects, pod_spec
 
@@ -131,6 +132,23 @@ def received_bytes(pod: PodContainer) -> int:
 # ---- the flows, for our model server here and for tensorflow/serving where it can be pulled ------------------
 
 
+# The manifests' limits as they are written, and what they mean in bytes and CPUs (a limit not listed here fails
+# the check below until it is added).
+MEMORY_LIMITS = {"512Mi": 512 * 2**20, "1Gi": 2**30, "2Gi": 2 * 2**30}
+CPU_LIMITS = {"500m": 0.5, "1": 1.0, "2": 2.0}
+# Memory limit in bytes, then CPU quota and period: cgroup v2's files, else cgroup v1's.
+_CGROUP_LIMITS = (
+    "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max 2>/dev/null || cd /sys/fs/cgroup && "
+    "cat memory/memory.limit_in_bytes cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us"
+)
+
+
+def enforced_limits(container_name: str) -> tuple[int, float]:
+    """The memory (bytes) and CPUs the kernel holds a running container to, from its cgroup, read inside it."""
+    memory, quota, period = run(["docker", "exec", container_name, "sh", "-c", _CGROUP_LIMITS]).stdout.split()
+    return int(memory), int(quota) / int(period)
+
+
 def check_containers_run_as_declared(pods: Pods) -> None:
     for pod in pods.all():
         host = inspect(pod.name)["HostConfig"]
@@ -140,8 +158,9 @@ def check_containers_run_as_declared(pods: Pods) -> None:
         assert run(["docker", "exec", pod.name, "id", "-u"]).stdout.strip() == str(security["runAsUser"])
         assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
         assert "no-new-privileges" in host["SecurityOpt"]
-        assert host["Memory"] == quantity_bytes(limits["memory"])
-        assert host["NanoCpus"] == int(quantity_cpus(limits["cpu"]) * 1e9)
+        # What the kernel holds the container to, read inside it, against the manifest's limits as written.
+        memory, cpus = enforced_limits(pod.name)
+        assert memory == MEMORY_LIMITS[limits["memory"]] and cpus == CPU_LIMITS[str(limits["cpu"])], (memory, cpus)
         assert set(host["Tmpfs"]) == {mount["mountPath"] for mount in pod.spec["volumeMounts"]}
         # Privilege escalation is off for real: the kernel's no_new_privs flag of PID 1.
         status = run(["docker", "exec", pod.name, "cat", "/proc/1/status"]).stdout
@@ -149,14 +168,40 @@ def check_containers_run_as_declared(pods: Pods) -> None:
         assert not pod.probe_failures("liveness"), pod.records[-5:]
 
 
+def another_gateway(pods: Pods, suffix: str, **env: str) -> PodContainer:
+    """One more gateway pod as the manifest declares it (with `env` added), Ready: for a check that changes it or
+    needs it otherwise, so that the shared one stays as every other check expects it."""
+    spec = copy.deepcopy(container(pods.target, GATEWAY))
+    spec["env"] = [*spec.get("env", []), *({"name": name, "value": value} for name, value in env.items())]
+    pod = PodContainer(
+        name=f"{pods.network}-gateway-{suffix}",
+        spec=spec,
+        pod_spec=pod_spec(pods.target, GATEWAY),
+        network=pods.network,
+        aliases=[],
+        image=pods.gateway.image,
+    )
+    pod.start()
+    pod.wait_ready()
+    return pod
+
+
 def check_the_headless_service_spreads_calls(pods: Pods, reference: np.ndarray) -> dict[str, float]:
-    before = {pod.name: received_bytes(pod) for pod in pods.models}
-    load = Load([f"{pods.gateway_url}/predict"], PHOTO, clients=4, max_requests=100, max_seconds=120).start()
-    outcomes = load.stop_when_done()
+    # One gunicorn worker: one gRPC channel, so how the calls spread over the replicas is that channel's policy alone
+    # (two workers, each with a channel of its own, could each land on another replica by chance).
+    gateway = another_gateway(pods, "one-worker", GATEWAY_WORKERS="1")
+    try:
+        before = {pod.name: received_bytes(pod) for pod in pods.models}
+        url = f"http://{gateway.ip}:{gateway.port('http')}/predict"
+        outcomes = Load([url], PHOTO, clients=4, max_requests=100, max_seconds=120).start().stop_when_done()
+        received = {pod.name: received_bytes(pod) - before[pod.name] for pod in pods.models}
+    finally:
+        gateway.stop_probing()
+        remove(gateway.name)
     assert [o.status for o in outcomes] == [200] * 100, [o for o in outcomes if o.status != 200][:3]
-    received = {pod.name: received_bytes(pod) - before[pod.name] for pod in pods.models}
     shares = {name: value / sum(received.values()) for name, value in received.items()}
-    # Each call carries a 1 MB tensor, so the bytes each replica received are its share of the calls.
+    # Each call carries the photo's 299x299x3 uint8 pixels (268 KB): the bytes each replica received are its share
+    # of the calls. Round robin gives each about half; one channel picking one replica would give one all of them.
     print("share of the 100 calls per model replica:", {name[-7:]: f"{share:.0%}" for name, share in shares.items()})
     assert all(share >= 0.3 for share in shares.values()), shares
     status, _, answer = predict(pods)
@@ -205,22 +250,34 @@ def check_model_tier_down_and_back(pods: Pods) -> None:
 
 
 def check_kubelet_stop_fails_no_request(pods: Pods) -> dict:
-    """preStop, SIGTERM, SIGKILL after the grace period, with 4 clients sending until the SIGTERM (as if the
-    endpoint removal took all of preStop): every request sent before the SIGTERM is answered 200."""
-    load = Load([f"{pods.gateway_url}/predict"], PHOTO, clients=4, max_requests=5000, max_seconds=120).start()
+    """preStop, SIGTERM, SIGKILL after the grace period, on a gateway pod of its own, with 4 clients sending until
+    the SIGTERM (as if the endpoint removal took all of preStop): every request sent before the SIGTERM, those sent
+    during preStop among them, is answered 200."""
+    gateway = another_gateway(pods, "stopped")
+    load = Load([f"http://{gateway.ip}:{gateway.port('http')}/predict"], PHOTO, clients=4, max_requests=5000)
+    load.start()
     while load.count() < 20:
         time.sleep(0.05)
-    marks = {}
+    marks = {"terminate": time.monotonic()}
 
     def at_sigterm():
         load.stop_sending()
         marks["sigterm"] = time.monotonic()
 
-    stopped = pods.gateway.terminate(on_sigterm=at_sigterm)
-    outcomes = load.stop_when_done()
+    try:
+        stopped = gateway.terminate(on_sigterm=at_sigterm)
+        outcomes = load.stop_when_done()
+    finally:
+        gateway.stop_probing()
+        remove(gateway.name)
     before = [o for o in outcomes if o.started < marks["sigterm"]]
     in_flight = [o for o in before if o.ended > marks["sigterm"]]
-    print(f"kubelet stop: {stopped}; {len(before)} requests before SIGTERM, {len(in_flight)} in flight at it")
+    during_pre_stop = [o for o in before if o.started >= marks["terminate"]]
+    print(
+        f"kubelet stop: {stopped}; {len(before)} requests before SIGTERM, {len(during_pre_stop)} of them during "
+        f"preStop, {len(in_flight)} in flight at it"
+    )
+    assert during_pre_stop, "the clients should go on sending during preStop"
     assert all(o.status == 200 for o in before), [o for o in before if o.status != 200][:5]
     assert all(o.status in (200, None) for o in outcomes)
     assert in_flight, "the SIGTERM should find requests in flight"
