@@ -83,6 +83,11 @@ class ModelServer:
                 f"(<base>/1/saved_model.pb); for the course model run `make model` first, or pass --model_base_path."
             )
         set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
+        log.info(
+            "TensorFlow threads: %d per operation, %d for operations at once (0: TensorFlow's choice)",
+            tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads(),
+        )
         self.health = health.HealthServicer()
         self.models = ModelManager(args.model_name, base_path, args.file_system_poll_wait_seconds, self._serving)
         self.batcher = None

@@ -217,6 +217,7 @@ class ModelManager:
         files = _files_of(path)
         last_files, last_error = self._failures.get(target, ((), ""))
         if files == last_files:
+            log.debug("Version %d failed to load and its files have not changed: not tried again", target)
             return
         with self._lock:
             self._states[target] = (State.LOADING, "")

@@ -456,7 +456,9 @@ def test_new_version_is_served_without_a_failed_request(model_base, reference, t
                 failures.append(f"version {version} answered something else")
             seen.append(version)
 
-    with running_model_server(base, file_system_poll_wait_seconds=0.2) as server, server.channel() as channel:
+    # Debug: the server says each time a poll finds the failed version unchanged.
+    polled = running_model_server(base, file_system_poll_wait_seconds=0.2, log_level="debug")
+    with polled as server, server.channel() as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         threads = [threading.Thread(target=hammer, args=(seen, stub)) for seen in answers]
         for thread in threads:
@@ -467,7 +469,7 @@ def test_new_version_is_served_without_a_failed_request(model_base, reference, t
             graph = (staged / "saved_model.pb").read_bytes()
             (base / "2" / "saved_model.pb").write_bytes(graph[: len(graph) // 2])
             wait_for(lambda: "Could not load version 2" in server.log(), 30, "a first try at version 2")
-            time.sleep(1.0)  # five more polls
+            wait_for(lambda: server.log().count("files have not changed") >= 5, 30, "five more polls")
             assert status_of(channel).get(1) == AVAILABLE
             assert status_of(channel).get(2) != AVAILABLE
             assert server.log().count("Could not load version 2") == 1  # logged once, not once a poll
@@ -695,3 +697,11 @@ def test_tensorflow_threads_as_tf_serving():
     lines = run.stdout.splitlines()
     assert lines[0] == "1 2", run.stderr[-2000:]
     assert lines[1].startswith("cannot set TensorFlow's threads:"), run.stdout
+
+
+def test_the_server_runs_with_the_tensorflow_threads_its_flags_ask_for(model_base):
+    """main() applies the flags before TensorFlow runs: the server reads the values back from TensorFlow."""
+    flags = {"tensorflow_intra_op_parallelism": 1, "tensorflow_inter_op_parallelism": 2, "rest_api_port": 0}
+    with running_model_server(model_base, **flags) as server:
+        log = server.log()
+    assert "TensorFlow threads: 1 per operation, 2 for operations at once" in log, log[-2000:]
