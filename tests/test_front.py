@@ -71,6 +71,14 @@ async def call(app, method: str = "POST", path: str = "/predict", body: bytes = 
     )
 
 
+async def until(condition, timeout: float = 30) -> None:
+    """Wait, in the event loop, until `condition()` holds (a bounded poll, not a guess at how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the scenario to get there"
+        await asyncio.sleep(0.002)
+
+
 def front(fake, **settings) -> Front:
     return Front(gateway.create_app(Settings(**settings), client=fake))
 
@@ -190,8 +198,7 @@ def test_admission_never_grants_a_slot_past_the_budget():
         assert await admission.enter(time.perf_counter()) is not None
         late = asyncio.create_task(admission.enter(time.perf_counter() - 9.8))  # 0.2 s of budget left
         fresh = asyncio.create_task(admission.enter(time.perf_counter()))
-        await asyncio.sleep(0.4)
-        assert late.done() and late.result() is None
+        assert await asyncio.wait_for(late, 5) is None  # shed when its budget ran out, with the slot still busy
         admission.leave(0.01)
         assert await fresh is not None and admission.waiting() == 0
 
@@ -249,7 +256,7 @@ def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fa
 
     async def scenario():
         first = asyncio.create_task(call(app))
-        await asyncio.sleep(0.05)
+        await until(lambda: fake.entered == 1)
         shed = await call(app, headers=[(b"x-request-id", b"shed-1")])
         fake.release.set()
         return await first, shed, await call(app)
@@ -260,7 +267,7 @@ def test_a_request_that_cannot_start_in_time_is_shed_when_its_budget_is_spent(fa
     assert shed.headers["retry-after"] == "1" and shed.headers["x-request-id"] == "shed-1"
     # Past the rate of refusals sent at once, answered when its budget was spent: an eager client cannot loop on
     # instant refusals.
-    assert 0.1 <= shed.seconds < 1.0
+    assert shed.seconds >= 0.15
 
 
 def test_refusals_go_out_at_once_up_to_a_rate_and_past_it_when_their_budget_is_spent(fake, monkeypatch):
@@ -273,7 +280,7 @@ def test_refusals_go_out_at_once_up_to_a_rate_and_past_it_when_their_budget_is_s
         await app.admission.enter(time.perf_counter())
         app.admission.leave(2.0)  # requests have been holding a slot for 2 s: a new one is refused on arrival
         first = asyncio.create_task(call(app))
-        await asyncio.sleep(0.05)
+        await until(lambda: fake.entered == 1)
         shed = await asyncio.gather(*[call(app) for _ in range(5)])
         fake.release.set()
         return await first, shed
@@ -281,8 +288,8 @@ def test_refusals_go_out_at_once_up_to_a_rate_and_past_it_when_their_budget_is_s
     first, shed = asyncio.run(scenario())
     assert first.status == 200 and [answer.status for answer in shed] == [503] * 5
     seconds = sorted(answer.seconds for answer in shed)
-    assert all(s < 0.1 for s in seconds[:3]), seconds  # the burst: at once
-    assert all(0.15 <= s < 1.0 for s in seconds[3:]), seconds  # then held to the end of their budget
+    # The burst of three at once, the other two held to the end of their budget (0.3 s): most of it lies between.
+    assert seconds[3] >= 0.25 and seconds[3] - seconds[2] >= 0.15, seconds
 
 
 def test_waiting_requests_hold_no_thread(fake):
@@ -291,7 +298,7 @@ def test_waiting_requests_hold_no_thread(fake):
 
     async def scenario():
         tasks = [asyncio.create_task(call(app)) for _ in range(30)]
-        await asyncio.sleep(0.2)
+        await until(lambda: fake.entered == 1 and app.admission.waiting() == 29)
         waiting, threads = app.admission.waiting(), threading.active_count()
         fake.release.set()
         return waiting, threads, await asyncio.gather(*tasks)
@@ -308,15 +315,16 @@ def test_health_and_metrics_never_wait_behind_predictions(fake):
 
     async def scenario():
         busy = [asyncio.create_task(call(app)) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        health = await call(app, "GET", "/healthz", b"")
-        metrics = await call(app, "GET", "/metrics", b"")
+        await until(lambda: fake.entered == 1 and app.admission.waiting() == 2)
+        # Answered while the predictions are held: had they waited behind them, they would time out here.
+        health = await asyncio.wait_for(call(app, "GET", "/healthz", b""), 30)
+        metrics = await asyncio.wait_for(call(app, "GET", "/metrics", b""), 30)
         fake.release.set()
         await asyncio.gather(*busy)
         return health, metrics
 
     health, metrics = asyncio.run(scenario())
-    assert health.status == 200 and health.seconds < 1.0
+    assert health.status == 200
     assert metrics.status == 200 and b"gateway_waiting_requests" in metrics.body
 
 
@@ -360,7 +368,7 @@ def test_one_access_log_line_per_request_with_status_time_and_request_id(fake, c
 
     async def scenario():
         first = asyncio.create_task(call(app, headers=[(b"x-request-id", b"a" * 32)]))
-        await asyncio.sleep(0.05)
+        await until(lambda: fake.entered == 1)
         await call(app, headers=[(b"x-request-id", b"b" * 32)])  # shed
         fake.release.set()
         await first

@@ -172,15 +172,17 @@ def test_bad_settings_name_the_variable(name, value):
 class FakeModel:
     """Answers logits that encode each image's mean pixel (scaled as the course's signature takes it), so tests
     can tell which row is whose. The gateway hands its model client uint8 pixels: ModelClient scales them only
-    when it sends float32."""
+    when it sends float32. `entered` counts the calls that reached it, held or not (`release` holds them)."""
 
     def __init__(self):
         self.batches = []
+        self.entered = 0
         self.release = threading.Event()
         self.release.set()
         self.error = None
 
     def predict(self, batch):
+        self.entered += 1  # one assignment under the GIL: the test reads it from another thread
         self.release.wait(10)
         if self.error:
             raise self.error

@@ -131,10 +131,9 @@ def test_a_new_version_without_the_pixel_signature_is_followed_within_the_reques
         export_float32_only(standin_keras, tmp_path / "staged")
         os.replace(tmp_path / "staged", base / "2")
         deadline = time.monotonic() + 60
-        while "Serving clothing-model version 2" not in server.log():
+        while "Unloaded clothing-model version 1" not in server.log():  # version 2 served, version 1 gone
             assert time.monotonic() < deadline, server.log()[-2000:]
             time.sleep(0.1)
-        time.sleep(0.5)  # version 1 unloads once idle
         answer = app.post("/predict?detail=1", data=data, content_type="image/jpeg")
     assert answer.status_code == 200, answer.get_json()
     assert (answer.get_json()["model"]["version"], answer.get_json()["model"]["wire"]) == (2, "float32")
