@@ -40,7 +40,18 @@ from unittest import mock
 import numpy as np
 import psutil
 import requests
-from common import BENCH, ROOT, latency_ms, machine, machine_line, markdown_table, prepare_model, target, targets_table
+from common import (
+    BENCH,
+    OUTPUT,
+    ROOT,
+    latency_ms,
+    machine,
+    machine_line,
+    markdown_table,
+    prepare_model,
+    target,
+    targets_table,
+)
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -559,8 +570,9 @@ def main() -> None:
         "recommended_jpeg_draft": recommendation(results["draft"])[0],
         "targets": targets,
     }
-    (BENCH / "gateway.json").write_text(json.dumps(document, indent=2) + "\n")
-    (BENCH / "gateway.md").write_text(markdown)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "gateway.json").write_text(json.dumps(document, indent=2) + "\n")
+    (OUTPUT / "gateway.md").write_text(markdown)
     print(markdown)
     print(f"wrote bench/gateway.md and bench/gateway.json in {document['seconds']} s")
 

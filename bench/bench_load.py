@@ -40,7 +40,7 @@ from pathlib import Path
 
 import psutil
 from common import (
-    BENCH,
+    OUTPUT,
     ROOT,
     convert_with_notebook_01,
     machine,
@@ -427,10 +427,11 @@ def main() -> None:
     )
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     stem = "load" if args.model == "auto" else "load-xception"
-    plot(rows, capacity, budget_ms, BENCH / f"{stem}.png")
-    (BENCH / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    plot(rows, capacity, budget_ms, OUTPUT / f"{stem}.png")
+    (OUTPUT / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = report(results, f"{stem}.png")
-    (BENCH / f"{stem}.md").write_text(text)
+    (OUTPUT / f"{stem}.md").write_text(text)
     print(text)
     print(f"wrote bench/{stem}.md, bench/{stem}.json and bench/{stem}.png")
 

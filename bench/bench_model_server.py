@@ -47,6 +47,7 @@ import psutil
 import tensorflow as tf
 from common import (
     BENCH,
+    OUTPUT,
     ROOT,
     convert_with_notebook_01,
     latency_ms,
@@ -625,7 +626,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks that every step runs")
     parser.add_argument("--models", default="standin,xception", help="comma-separated: standin, xception")
     parser.add_argument("--batching-config", type=Path, default=ROOT / "dockerfiles" / "batching.config")
-    parser.add_argument("--output-dir", type=Path, default=BENCH)
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     keys = [k.strip() for k in args.models.split(",") if k.strip()]

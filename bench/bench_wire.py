@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_load import DATASET, gateway_on, measure, serve_defaults
-from common import BENCH, machine, machine_line, markdown_table, prepare_model, target, targets_table
+from common import OUTPUT, machine, machine_line, markdown_table, prepare_model, target, targets_table
 
 import gateway
 import loadtest
@@ -172,9 +172,10 @@ def main() -> None:
     results["targets"] = [target(name, ratio, "x", 1.15, at_most=False)]
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["duration_s"] = time.monotonic() - started
-    (BENCH / "wire.json").write_text(json.dumps(results, indent=2) + "\n")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "wire.json").write_text(json.dumps(results, indent=2) + "\n")
     text = report(results)
-    (BENCH / "wire.md").write_text(text)
+    (OUTPUT / "wire.md").write_text(text)
     print(text)
     print("wrote bench/wire.md and bench/wire.json")
 

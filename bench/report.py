@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from common import BENCH, machine, machine_line, markdown_table
+from common import OUTPUT, machine, machine_line, markdown_table
 
 PARTS = {  # file stem -> what it measures and the make target that writes it
     "model_server": ("model tier: model_server.py against in-process TensorFlow", "make bench-model-server"),
@@ -25,7 +25,7 @@ PARTS = {  # file stem -> what it measures and the make target that writes it
 
 
 def load(stem: str) -> dict | None:
-    path = BENCH / f"{stem}.json"
+    path = OUTPUT / f"{stem}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -95,9 +95,10 @@ def main() -> None:
         "Quick-mode runs use small counts: read them as smoke tests, not as measurements.",
         "",
     ]
-    pages = [BENCH / f"{stem}.md" for stem in PARTS if documents[stem] is not None]
+    pages = [OUTPUT / f"{stem}.md" for stem in PARTS if documents[stem] is not None]
     included = [demoted(page.read_text()).rstrip() + "\n" for page in pages if page.exists()]
-    (BENCH / "report.md").write_text("\n".join([*lines, *included]))
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "report.md").write_text("\n".join([*lines, *included]))
     report = {
         "machine": here,
         "parts": {
@@ -108,9 +109,9 @@ def main() -> None:
         },
         "targets": merged_targets,
     }
-    (BENCH / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUTPUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines))
-    print("wrote bench/report.md and bench/report.json")
+    print(f"wrote {OUTPUT / 'report.md'} and report.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Every benchmark in its quick mode, as a smoke test: a broken benchmark fails `make test`.
+
+A quick run's numbers are not measurements (small counts, this machine busy with the suite): the reports go to a
+temporary folder (BENCH_OUTPUT), never to bench/, and the runs use the stand-in the suite converted already
+(BENCH_MODEL_BASE) and the photos it made (CLOTHING_DATASET). Notebook 03's quick mode runs in test_experiments.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+# (script, its quick-mode arguments, the report it writes)
+BENCHMARKS = [
+    ("bench_model_server.py", ["--quick", "--models", "standin"], "model_server"),
+    ("bench_gateway.py", ["--quick", "--skip-install-size"], "gateway"),
+    ("bench_load.py", ["--quick"], "load"),
+    ("bench_wire.py", ["--quick"], "wire"),
+]
+
+
+def run_bench(script: str, args: list[str], env: dict) -> None:
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, (
+        f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+
+
+@pytest.mark.timeout(2400)
+def test_every_benchmark_runs_in_quick_mode_and_the_report_gathers_them(model_base, photo_folder, tmp_path):
+    env = {
+        **os.environ,
+        "BENCH_OUTPUT": str(tmp_path),
+        "BENCH_MODEL_BASE": str(model_base),
+        "CLOTHING_DATASET": str(photo_folder),
+    }
+    kept = _reports_in_bench()
+    for script, args, stem in BENCHMARKS:
+        run_bench(script, args, env)
+        document = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert document["targets"], f"{script} recorded no targets"
+        assert (tmp_path / f"{stem}.md").read_text().startswith("# "), script
+    run_bench("report.py", [], env)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {stem for _, _, stem in BENCHMARKS} <= {stem for stem, part in report["parts"].items() if part}
+    assert len(report["targets"]) == sum(
+        len(json.loads((tmp_path / f"{stem}.json").read_text())["targets"]) for _, _, stem in BENCHMARKS
+    )
+    assert kept == _reports_in_bench(), "a quick run wrote into bench/"
+
+
+def _reports_in_bench() -> dict[str, int]:
+    """bench/'s reports as they are (name -> modification time): what a learner's own runs left there."""
+    return {path.name: path.stat().st_mtime_ns for path in (ROOT / "bench").glob("*.json")}
