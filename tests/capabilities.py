@@ -28,6 +28,7 @@ def required(switch: str) -> bool:
 
 def unavailable(reason: str, switch: str):
     """Skip, saying why and which switch makes it a failure; or fail, where that switch is set."""
+    __tracebackhide__ = True  # pytest reports the test or fixture that called this, not this line
     if switch not in SWITCHES:
         raise ValueError(f"{switch} is not one of the switches: {', '.join(SWITCHES)}")
     if required(switch):

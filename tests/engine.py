@@ -49,6 +49,7 @@ def note(line: str) -> None:
 
 def unavailable(reason: str, switch: str = capabilities.DOCKER):
     """Skip, or fail where CI provides what is missing: capabilities.unavailable, Docker's switch by default."""
+    __tracebackhide__ = True
     capabilities.unavailable(reason, switch)
 
 
