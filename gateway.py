@@ -163,7 +163,9 @@ def openapi():
 @api.get("/")
 def index():
     if PAGE is None:
-        raise GatewayError(404, "not_found", f"the page is not installed: no {documents.PAGE_FILE}")
+        raise GatewayError(
+            404, "not_found", f"the page is not installed: no {documents.PAGE_FILE.name} beside contract.py"
+        )
     return Response(PAGE, mimetype="text/html", headers=documents.PAGE_HEADERS)
 
 
