@@ -2,8 +2,7 @@
 
 `make test` runs what the machine can and skips the rest, saying why and naming the switch. `.ci/run` sets every
 switch for what CI provides, so that there a missing piece is a broken build, not a quiet skip. CI cannot provide
-the course model (no internet) or the tensorflow/serving image (no registry); a Kubernetes cluster is the
-Kubernetes issue's.
+the course model (no internet) or the tensorflow/serving image (no registry).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 in strict mode against the newest Kubernetes it ships. The policy tests read the rendered objects: GPUs,
 resources, probes, non-root, Service wiring, the HPA, the gateway's gRPC target, graceful shutdown, and
 names, ports and images against contract.py, the Dockerfiles, gunicorn.conf.py and the Makefile.
-The smoke test at the end deploys to a cluster where kubectl reaches one.
+Applied to a real cluster: tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ import re
 import runpy
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-import capabilities
 import contract
 from conftest import ROOT
 from test_containers import (
@@ -345,58 +341,3 @@ def test_eks_cluster_fits_the_gpu_overlay():
     assert any(t["key"] == taint["key"] and t["effect"] == taint["effect"] for t in spec["tolerations"])
     # Every other node group is untainted, so the gateways (no tolerations) have somewhere to run.
     assert all("taints" not in group for group in groups.values() if group is not gpu_groups[0])
-
-
-# ---- smoke: deploy where a cluster is -----------------------------------------------------------------
-
-
-def _kubectl(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=timeout, check=check)
-
-
-@pytest.mark.cluster
-@pytest.mark.timeout(1200)
-def test_deploys_and_the_gateway_becomes_ready():
-    """Deploys OVERLAY (default kind) into a throwaway namespace, which the short DNS names must survive."""
-    reach = _kubectl("version", "--request-timeout=5s", check=False, timeout=30)
-    if reach.returncode != 0:
-        capabilities.unavailable(
-            "kubectl reaches no cluster (`kubectl version --request-timeout=5s` failed)", capabilities.CLUSTER
-        )
-    overlay = os.environ.get("OVERLAY", "kind")
-    namespace = f"zoomcamp-10-test-{uuid.uuid4().hex[:8]}"
-    _kubectl("create", "namespace", namespace)
-    forward = None
-    try:
-        _kubectl("apply", "-n", namespace, "-k", str(TARGETS[overlay]))
-        for deployment in (MODEL, GATEWAY):
-            rollout = _kubectl(
-                "rollout",
-                "status",
-                "-n",
-                namespace,
-                f"deployment/{deployment}",
-                "--timeout=600s",
-                check=False,
-                timeout=660,
-            )
-            assert rollout.returncode == 0, (
-                f"{deployment} did not roll out (images loaded? `make kind-load`): {rollout.stderr}"
-            )
-        port = 19697
-        forward = subprocess.Popen([KUBECTL, "port-forward", "-n", namespace, f"service/{GATEWAY}", f"{port}:80"])
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
-                    assert response.status == 200
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
-    finally:
-        if forward:
-            forward.terminate()
-            forward.wait(10)
-        _kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -1,9 +1,10 @@
 """The Kubernetes pods on Docker, run as the kubelet runs them (tests/kubelet.py), from the rendered overlay.
 
-k8s/overlays/arm64 is kind with our model-server image, the one this machine can run (tensorflow/serving
-cannot be pulled here; where it can, the last test runs k8s/overlays/kind with it). Two model replicas share
-the headless Service's name as a network alias, so Docker's DNS answers it with both addresses as the headless
-Service does, and the gateway's `dns:///clothing-model-headless:8500` must spread its calls over both.
+A real control plane runs the manifests in tests/test_cluster.py. This imitation of the kubelet stays for what
+that cluster does not run here: the arm64 images under qemu (tests/test_arm64.py starts their pods with these
+helpers), and k8s/overlays/kind with tensorflow/serving where that image can be pulled (the test below). Two model
+replicas share the headless Service's name as a network alias, so Docker's DNS answers it with both addresses as
+the headless Service does, and the gateway's `dns:///clothing-model-headless:8500` must spread its calls over both.
 """
 
 from __future__ import annotations
@@ -112,13 +113,6 @@ def stop_pods(pods: Pods) -> None:
         pod.stop_probing()
     remove(*(pod.name for pod in pods.all()))
     run(["docker", "network", "rm", pods.network], check=False)
-
-
-@pytest.fixture(scope="module")
-def pods(gateway_image, model_server_image):
-    started = start_pods("arm64", model_server_image, gateway_image)
-    yield started
-    stop_pods(started)
 
 
 def predict(pods: Pods):
@@ -286,22 +280,6 @@ def check_kubelet_stop_fails_no_request(pods: Pods) -> dict:
 
 
 # ---- the tests ---------------------------------------------------------------------------------------------
-
-
-def test_every_container_runs_as_its_manifest_declares(pods):
-    check_containers_run_as_declared(pods)
-
-
-def test_the_headless_service_spreads_calls_over_both_model_replicas(pods, reference):
-    check_the_headless_service_spreads_calls(pods, reference)
-
-
-def test_with_the_model_tier_down_the_gateway_stays_in_the_service_and_answers_503(pods):
-    check_model_tier_down_and_back(pods)
-
-
-def test_stopping_the_gateway_as_the_kubelet_does_fails_no_request(pods):
-    check_kubelet_stop_fails_no_request(pods)
 
 
 def test_the_same_compose_and_pods_with_tensorflow_serving(

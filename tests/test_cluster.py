@@ -1,0 +1,371 @@
+"""The manifests on a real Kubernetes: k8s/overlays/arm64 (our model-server image) applied with kubectl to a cluster
+whose node runs pods on this machine's Docker engine, so the images the suite builds are there to run.
+
+In CI that is the v1.20 cluster .ci/cluster.sh builds from Debian 12's source package: a real API server,
+scheduler, controller manager, kubelet and kube-proxy, with dnsmasq fed from the API's Services and Endpoints
+standing in for CoreDNS (none is packaged anywhere reachable here). What only a control plane shows is tested
+here: rollouts, the kubelet's probes, limits and stops, Services and their DNS names, scaling, scheduling on an
+extended resource, disruption budgets. Without such a cluster these tests skip and say why; CI sets
+ZOOMCAMP_REQUIRE_CLUSTER=1 where it provides one, and then they fail instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from test_pods import CPU_LIMITS, MEMORY_LIMITS, enforced_limits
+
+import capabilities
+import contract
+from conftest import ROOT
+from engine import PHOTO, Load, call, run, unique
+from test_k8s import GATEWAY, MODEL
+from test_k8s import KUBECTL as KUSTOMIZE_KUBECTL
+
+pytestmark = [pytest.mark.cluster, pytest.mark.docker]
+
+# The kubectl of the cluster's own version where .ci/cluster.sh made one (it talks to a v1.20 API server as a
+# client of its version should); the environment's otherwise. Rendering always takes the environment's kubectl,
+# whose kustomize knows components.
+KUBECTL = os.environ.get("ZOOMCAMP_KUBECTL") or str(KUSTOMIZE_KUBECTL)
+GPU = "nvidia.com/gpu"
+
+
+def kubectl(*args: str, timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:
+    result = subprocess.run([KUBECTL, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr}{result.stdout}")
+    return result.stdout
+
+
+def kubectl_json(*args: str) -> dict:
+    return json.loads(kubectl(*args, "-o", "json"))
+
+
+class Api:
+    """The API server itself, with kubectl's credentials, for what kubectl 1.20 cannot send (a node's status)."""
+
+    def __init__(self):
+        config = yaml.safe_load(kubectl("config", "view", "--raw", "--minify", "-o", "yaml"))
+        cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+        self.server = cluster["server"]
+        self._files = tempfile.TemporaryDirectory()
+        folder = Path(self._files.name)
+        for name, key in (("ca", "certificate-authority-data"), ("crt", "client-certificate-data")):
+            (folder / name).write_bytes(base64.b64decode(cluster[key] if name == "ca" else user[key]))
+        (folder / "key").write_bytes(base64.b64decode(user["client-key-data"]))
+        self.verify, self.cert = str(folder / "ca"), (str(folder / "crt"), str(folder / "key"))
+
+    def patch(self, path: str, operations: list[dict]) -> requests.Response:
+        headers = {"Content-Type": "application/json-patch+json"}
+        return requests.patch(
+            f"{self.server}{path}", json=operations, headers=headers, cert=self.cert, verify=self.verify, timeout=30
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> SimpleNamespace:
+    """The cluster kubectl reaches, if its node runs pods on this machine's Docker engine."""
+    if subprocess.run([KUBECTL, "get", "--raw=/readyz"], capture_output=True, timeout=30).returncode != 0:
+        capabilities.unavailable(
+            "kubectl reaches no cluster (`kubectl get --raw=/readyz` failed)", capabilities.CLUSTER
+        )
+    (node,) = kubectl_json("get", "nodes")["items"]
+    runtime = node["status"]["nodeInfo"]["containerRuntimeVersion"]
+    engine = run(["docker", "info", "--format", "{{.ServerVersion}}"], check=False).stdout.strip()
+    if not engine or not runtime.startswith(f"docker://{engine}"):
+        capabilities.unavailable(
+            f"the cluster's node runs {runtime}, not this machine's Docker engine ({engine or 'none'}): the images "
+            "the suite builds are not there",
+            capabilities.CLUSTER,
+        )
+    version = json.loads(kubectl("version", "-o", "json"))["serverVersion"]
+    return SimpleNamespace(
+        node=node["metadata"]["name"], minor=int(version["minor"].rstrip("+")), version=version["gitVersion"]
+    )
+
+
+# What each container asks the scheduler for, here: the manifests ask 1 CPU per model replica and a quarter per
+# gateway, which on a node of 2 CPUs leaves no room for a second model replica or a rolling update's extra pod.
+# The limits, which the kubelet enforces (and a test checks), stay as declared.
+TEST_CPU_REQUEST = "100m"
+
+
+def render(overlay: str, minor: int, images: dict[str, str], folder: Path) -> str:
+    """The overlay as the suite applies it: its images set to the ones the suite built, its CPU requests scaled down
+    to fit one small node (TEST_CPU_REQUEST), and for a cluster older than 1.21 the apiVersions it serves
+    (k8s/components/kubernetes-1.20)."""
+    components = ["kubernetes-1.20"] if minor < 21 else []
+    request = {"op": "replace", "path": "/spec/template/spec/containers/0/resources/requests/cpu"}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "k8s" / "overlays" / overlay, folder)],
+        "components": [os.path.relpath(ROOT / "k8s" / "components" / c, folder) for c in components],
+        "images": [
+            {"name": name, "newName": image.split(":")[0], "newTag": image.split(":")[1]}
+            for name, image in images.items()
+        ],
+        "patches": [{"target": {"kind": "Deployment"}, "patch": json.dumps([{**request, "value": TEST_CPU_REQUEST}])}],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run([KUSTOMIZE_KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def rollout(namespace: str, deployment: str, timeout: int = 600) -> None:
+    kubectl(
+        "rollout", "status", "-n", namespace, f"deployment/{deployment}", f"--timeout={timeout}s", timeout=timeout + 30
+    )
+
+
+def pods(namespace: str, name: str) -> list[dict]:
+    selector = f"app.kubernetes.io/name={name}"
+    return kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+
+
+def ready(pod: dict) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return conditions.get("Ready") == "True" and pod["metadata"].get("deletionTimestamp") is None
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+    return value
+
+
+def container_of(namespace: str, pod: str, name: str) -> str:
+    """The Docker container the kubelet runs for a pod's container (dockershim labels it with both names)."""
+    found = run([
+        "docker", "ps", "-q", "--filter", f"label=io.kubernetes.pod.namespace={namespace}",
+        "--filter", f"label=io.kubernetes.pod.name={pod}", "--filter", f"label=io.kubernetes.container.name={name}",
+    ]).stdout.split()  # fmt: skip
+    assert len(found) == 1, f"{namespace}/{pod}/{name}: {found}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, gateway_image, model_server_image, tmp_path_factory):
+    """k8s/overlays/arm64 in a namespace of its own, rolled out; removed with the namespace afterwards."""
+    namespace = unique("zoomcamp-10-cluster")
+    images = {"zoomcamp-10-model-server": model_server_image, "zoomcamp-10-gateway": gateway_image}
+    manifests = render("arm64", cluster.minor, images, tmp_path_factory.mktemp("overlay"))
+    kubectl("create", "namespace", namespace)
+    try:
+        started = time.monotonic()
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
+        for deployment in (MODEL, GATEWAY):
+            rollout(namespace, deployment)
+        service = kubectl_json("get", "service", GATEWAY, "-n", namespace)
+        url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+        print(f"\n{cluster.version}: k8s/overlays/arm64 rolled out in {time.monotonic() - started:.0f} s")
+        yield SimpleNamespace(namespace=namespace, url=url, cluster=cluster)
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def predict(url: str):
+    return call("POST", f"{url}/predict", data=PHOTO, headers={"Content-Type": "image/jpeg"})
+
+
+def scale(namespace: str, deployment: str, replicas: int) -> None:
+    kubectl("scale", "-n", namespace, f"deployment/{deployment}", f"--replicas={replicas}")
+    if replicas:
+        rollout(namespace, deployment)
+    wait_for(lambda: len(pods(namespace, deployment)) == replicas, 120, f"{replicas} {deployment} pods")
+
+
+# ---- the tests ----------------------------------------------------------------------------------------------
+
+
+def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, reference):
+    status, headers, answer = predict(deployed.url)
+    assert status == 200, answer
+    served = np.array([answer[name] for name in contract.CLASSES], dtype=np.float32)
+    assert np.abs(served - reference).max() <= 1e-4
+    status, _, readiness = call("GET", f"{deployed.url}/readyz")
+    assert status == 200 and "AVAILABLE" in readiness["detail"]
+
+
+def test_the_kubelet_runs_each_container_as_the_manifest_declares(deployed):
+    declared = {
+        doc["metadata"]["name"]: doc["spec"]["template"]["spec"]
+        for doc in (kubectl_json("get", "deployments", "-n", deployed.namespace)["items"])
+    }
+    for deployment, spec in declared.items():
+        (container,) = spec["containers"]
+        security = {**spec["securityContext"], **container["securityContext"]}
+        limits = container["resources"]["limits"]
+        for pod in pods(deployed.namespace, deployment):
+            assert ready(pod), pod["metadata"]["name"]
+            name = container_of(deployed.namespace, pod["metadata"]["name"], container["name"])
+            assert run(["docker", "exec", name, "id", "-u"]).stdout.strip() == str(security["runAsUser"])
+            host = json.loads(run(["docker", "inspect", name]).stdout)[0]["HostConfig"]
+            assert host["ReadonlyRootfs"] is True and set(host["CapDrop"] or []) >= {"ALL"}, host["CapDrop"]
+            assert "NoNewPrivs:\t1" in run(["docker", "exec", name, "cat", "/proc/1/status"]).stdout
+            memory, cpus = enforced_limits(name)
+            assert (memory, cpus) == (MEMORY_LIMITS[limits["memory"]], CPU_LIMITS[str(limits["cpu"])]), deployment
+            restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+            assert restarts == 0, f"{pod['metadata']['name']} restarted {restarts} times: a probe failed?"
+
+
+def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas(deployed):
+    """Two model replicas behind clothing-model-headless, as the DNS stand-in answers it, and one gateway pod with
+    one worker (one gRPC channel): round robin gives each replica about half of the calls."""
+    namespace = deployed.namespace
+    scale(namespace, MODEL, 2)
+    template = kubectl_json("get", "deployment", GATEWAY, "-n", namespace)["spec"]["template"]
+    template["spec"]["containers"][0]["env"].append({"name": "GATEWAY_WORKERS", "value": "1"})
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gateway-one-worker"}, "spec": template["spec"]}
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(pod))
+    try:
+        wait_for(lambda: ready(kubectl_json("get", "pod", "gateway-one-worker", "-n", namespace)), 300, "the pod")
+        address = kubectl_json("get", "pod", "gateway-one-worker", "-n", namespace)["status"]["podIP"]
+        models = [p["metadata"]["name"] for p in pods(namespace, MODEL)]
+        containers = [container_of(namespace, name, MODEL) for name in models]
+
+        def received() -> list[int]:
+            command = ["cat", "/sys/class/net/eth0/statistics/rx_bytes"]
+            return [int(run(["docker", "exec", c, *command]).stdout) for c in containers]
+
+        before = received()
+        load = Load([f"http://{address}:{contract.GATEWAY_PORT}/predict"], PHOTO, clients=4, max_requests=100)
+        outcomes = load.start().stop_when_done()
+        shares = [after - first for after, first in zip(received(), before, strict=True)]
+    finally:
+        kubectl("delete", "pod", "gateway-one-worker", "-n", namespace, "--wait=false", check=False)
+        scale(namespace, MODEL, 1)
+    assert [o.status for o in outcomes] == [200] * 100, [o for o in outcomes if o.status != 200][:3]
+    print(f"share of 100 calls per model replica: {[f'{s / sum(shares):.0%}' for s in shares]}")
+    assert all(share / sum(shares) >= 0.3 for share in shares), shares
+
+
+def test_a_rolling_update_of_the_gateway_under_load_answers_every_request(deployed):
+    """kubectl rollout restart while clients post photos through the Service: the old pods leave the Service during
+    their preStop, then drain; every request gets its answer."""
+    namespace = deployed.namespace
+    before = {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}
+    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=5000, max_seconds=300).start()
+    wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+    kubectl("rollout", "restart", "-n", namespace, f"deployment/{GATEWAY}")
+    rollout(namespace, GATEWAY)
+    wait_for(lambda: not before & {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}, 120, "the old pods gone")
+    outcomes = load.stop()
+    failed = [o for o in outcomes if o.status != 200]
+    print(f"rolling update under load: {len(outcomes)} requests, {len(failed)} not answered 200")
+    assert not failed, failed[:5]
+
+
+def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer_503(deployed):
+    namespace = deployed.namespace
+    scale(namespace, MODEL, 0)
+    try:
+        down_at = time.monotonic()
+        answers = []
+        while time.monotonic() - down_at < 15:  # longer than the readiness probe takes to drop a failing pod
+            answers.append(predict(deployed.url))
+            endpoints = kubectl_json("get", "endpoints", GATEWAY, "-n", namespace)
+            addresses = [a for s in endpoints.get("subsets") or [] for a in s.get("addresses", [])]
+            assert len(addresses) == 2, "a gateway left the Service because the model tier is down"
+            time.sleep(1)
+    finally:
+        scale(namespace, MODEL, 1)
+    for status, headers, body in answers:
+        assert status == 503 and body["error"]["code"] == "model_unavailable", body
+        assert headers["Retry-After"] == "1"
+    back = wait_for(lambda: predict(deployed.url)[0] == 200, 120, "a 200 once the model tier is back")
+    assert back
+
+
+def test_the_disruption_budget_blocks_an_eviction_that_would_break_it(deployed):
+    """minAvailable 1 of 2 gateways: one eviction is allowed, the next (its replacement not Ready yet) is not."""
+    namespace = deployed.namespace
+    rollout(namespace, GATEWAY)
+    first, second = sorted(p["metadata"]["name"] for p in pods(namespace, GATEWAY))[:2]
+    group = "policy/v1beta1" if deployed.cluster.minor < 22 else "policy/v1"
+
+    def evict(pod: str) -> subprocess.CompletedProcess:
+        eviction = {"apiVersion": group, "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction"
+        return subprocess.run(
+            [KUBECTL, "create", "--raw", path, "-f", "-"], input=json.dumps(eviction), capture_output=True, text=True
+        )
+
+    assert evict(first).returncode == 0
+    refused = evict(second)
+    assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+    rollout(namespace, GATEWAY)
+
+
+def test_the_autoscaler_is_accepted_and_says_it_has_no_metrics(deployed):
+    """The HPA object is valid here; with no metrics-server in this cluster it cannot read CPU, so it cannot
+    scale, and says so in its conditions (read in the version that has them: kubectl prefers autoscaling/v1)."""
+    resource = "hpa.v2beta2.autoscaling" if deployed.cluster.minor < 23 else "hpa.v2.autoscaling"
+
+    def scaling_active() -> dict | None:
+        status = kubectl_json("get", resource, GATEWAY, "-n", deployed.namespace)["status"]
+        return {c["type"]: c for c in status.get("conditions") or []}.get("ScalingActive")
+
+    hpa = kubectl_json("get", resource, GATEWAY, "-n", deployed.namespace)
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    condition = wait_for(scaling_active, 120, "the HPA's ScalingActive condition")
+    assert condition["status"] == "False" and condition["reason"] == "FailedGetResourceMetric", condition
+
+
+def test_the_gpu_overlays_model_waits_for_a_gpu_and_schedules_once_the_node_has_one(cluster, tmp_path):
+    """The gpu overlay's model asks for nvidia.com/gpu on the GPU node group: on a node without it the pod stays
+    Pending; once the node advertises a GPU (an extended resource on its status, as the device plugin would set it)
+    and carries the node group's label, it is scheduled there."""
+    namespace = unique("zoomcamp-10-gpu")
+    manifests = render("gpu", cluster.minor, {}, tmp_path / "overlay")
+    model = next(
+        doc
+        for doc in yaml.safe_load_all(manifests)
+        if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == MODEL
+    )
+    label = next(iter(model["spec"]["template"]["spec"]["nodeSelector"].items()))
+    api = Api()
+    kubectl("create", "namespace", namespace)
+    try:
+        kubectl("label", "node", cluster.node, f"{label[0]}={label[1]}", "--overwrite")
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(model))
+
+        def scheduling() -> dict | None:
+            items = kubectl_json("get", "pods", "-n", namespace)["items"]
+            conditions = {c["type"]: c for c in items[0]["status"].get("conditions", [])} if items else {}
+            return conditions.get("PodScheduled")
+
+        pending = wait_for(scheduling, 60, "the scheduler's verdict")
+        time.sleep(5)  # the scheduler tries again on its own: it must still find no GPU
+        pending = scheduling()
+        assert pending["status"] == "False" and "Insufficient nvidia.com/gpu" in pending["message"], pending
+        gpu = "nvidia.com~1gpu"  # "/" in a JSON Pointer
+        added = api.patch(
+            f"/api/v1/nodes/{cluster.node}/status", [{"op": "add", "path": f"/status/capacity/{gpu}", "value": "1"}]
+        )
+        assert added.status_code == 200, added.text
+        scheduled = wait_for(lambda: (s := scheduling()) and s["status"] == "True" and s, 120, "the pod scheduled")
+        assert scheduled["status"] == "True"
+        assert kubectl_json("get", "pods", "-n", namespace)["items"][0]["spec"]["nodeName"] == cluster.node
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        kubectl("label", "node", cluster.node, f"{label[0]}-", check=False)
+        api.patch(
+            f"/api/v1/nodes/{cluster.node}/status", [{"op": "remove", "path": "/status/capacity/nvidia.com~1gpu"}]
+        )
