@@ -190,10 +190,11 @@ ci_kubernetes() {
     --bind-address=127.0.0.1
   ci_k8s_start scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$K8S_WORK/scheduler.conf" --leader-elect=false \
     --bind-address=127.0.0.1
+  # Registered before the kubelet starts, so that it runs after the kubelet has stopped (cleanups run last first).
+  ci_cleanups+=("ci_k8s_remove_pods")
   ci_k8s_start kubelet "$K8S_BIN/kubelet" --config="$K8S_WORK/kubelet.yaml" --kubeconfig="$K8S_WORK/kubelet.conf" \
     --container-runtime=docker --pod-infra-container-image=$K8S_PAUSE_IMAGE --hostname-override=$K8S_NODE \
     --node-ip="$address" --root-dir="$K8S_WORK/kubelet"
-  ci_cleanups+=("ci_k8s_remove_pods")
   ci_k8s_start proxy "$K8S_BIN/kube-proxy" --kubeconfig="$K8S_WORK/admin.conf" --hostname-override=$K8S_NODE \
     --proxy-mode=iptables --cluster-cidr=172.17.0.0/16
   ci_k8s_start dns dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces --listen-address="$dns" \
