@@ -27,14 +27,14 @@ ci_k8s_apt() {
     -o "Dir::State::Lists=$state/lists" -o "Dir::Cache=$state/cache" -o Dir::State::Status=/dev/null "$@"
 }
 
-# The server binaries, built from Debian's source package once per machine (about 10 minutes on 2 cores).
+# The server binaries, built from Debian's source package once per machine (about five minutes on 2 cores).
 ci_k8s_binaries() {
   if [ -x "$K8S_BIN/kubelet" ] && "$K8S_BIN/kubelet" --version 2>/dev/null | grep -q "$K8S_VERSION"; then
     ci_say "Kubernetes $K8S_VERSION binaries: built earlier, in $K8S_BIN"
   else
     local started=$SECONDS src=$ZOOMCAMP_CACHE/src
     ci_apt_install dpkg-dev golang-go rsync jq
-    ci_say "building Kubernetes $K8S_VERSION from Debian's source package (once per machine, about 10 minutes)"
+    ci_say "building Kubernetes $K8S_VERSION from Debian's source package (once per machine: about five minutes on 2 cores)"
     rm -rf "$src" && mkdir -p "$src"
     ci_k8s_apt update -q >/dev/null
     (cd "$src" && ci_k8s_apt source -q kubernetes >/dev/null)
