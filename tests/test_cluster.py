@@ -172,6 +172,14 @@ def deployed(cluster, gateway_image, model_server_image, tmp_path_factory):
         kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
         for deployment in (MODEL, GATEWAY):
             rollout(namespace, deployment)
+        # Just after the apply, the HPA raises the gateways to its minimum: wait for those to be Ready too.
+        minimum = kubectl_json("get", "hpa", GATEWAY, "-n", namespace)["spec"]["minReplicas"]
+
+        def gateways_ready() -> bool:
+            status = kubectl_json("get", "deployment", GATEWAY, "-n", namespace)["status"]
+            return status.get("readyReplicas", 0) >= minimum and status.get("replicas", 0) == minimum
+
+        wait_for(gateways_ready, 600, f"{minimum} gateways Ready")
         service = kubectl_json("get", "service", GATEWAY, "-n", namespace)
         url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
         print(f"\n{cluster.version}: k8s/overlays/arm64 rolled out in {time.monotonic() - started:.0f} s")
