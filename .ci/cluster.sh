@@ -164,9 +164,11 @@ ci_kubernetes() {
   ci_apt_install gcc libc6-dev iptables conntrack dnsmasq-base
   ci_k8s_binaries
   ci_k8s_pause_image
-  local address dns
+  # The node's address, and Docker's bridge: the pods' network, whose address on this machine serves their DNS.
+  local address dns pods
   address=$(hostname -I | awk '{print $1}')
   dns=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
+  pods=$(ip -4 -o route show dev docker0 scope link | awk '{print $1}')
   ci_k8s_unmount
   rm -rf "$K8S_WORK" && mkdir -p "$K8S_WORK/logs" "$K8S_WORK/dns"
   ci_k8s_certificates "$address"
@@ -196,7 +198,7 @@ ci_kubernetes() {
     --container-runtime=docker --pod-infra-container-image=$K8S_PAUSE_IMAGE --hostname-override=$K8S_NODE \
     --node-ip="$address" --root-dir="$K8S_WORK/kubelet"
   ci_k8s_start proxy "$K8S_BIN/kube-proxy" --kubeconfig="$K8S_WORK/admin.conf" --hostname-override=$K8S_NODE \
-    --proxy-mode=iptables --cluster-cidr=172.17.0.0/16
+    --proxy-mode=iptables --cluster-cidr="$pods"
   ci_k8s_start dns dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces --listen-address="$dns" \
     --addn-hosts="$K8S_WORK/dns/hosts" --pid-file="$K8S_WORK/dns/dnsmasq.pid" --log-facility=-
   ci_k8s_start dns-feed python3 .ci/cluster_dns.py "$K8S_WORK/dns/hosts" "$K8S_WORK/dns/dnsmasq.pid" "$K8S_BIN/kubectl"

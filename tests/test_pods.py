@@ -29,9 +29,9 @@ from engine import (
     build,
     call,
     inspect,
-    model_build_context,
     note,
     remove,
+    repository_context,
     run,
     unique,
 )
@@ -288,7 +288,7 @@ def test_the_same_compose_and_pods_with_tensorflow_serving(
     """Where tensorflow/serving can be pulled: the compose stack as it is, and k8s/overlays/kind as it is, with the
     stand-in baked into the TF Serving image. Here that image cannot be had, and this one test says so."""
     image = "zoomcamp-10-model:test"
-    build(MODEL_DOCKERFILE, image, model_build_context(model_base, tmp_path_factory.mktemp("tf-serving-context")))
+    build(MODEL_DOCKERFILE, image, repository_context(model_base, tmp_path_factory.mktemp("tf-serving-context")))
     images = {"MODEL_IMAGE": image, "GATEWAY_IMAGE": gateway_image}
     with compose_stack(["docker-compose.yaml"], images, photo_server) as stack:
         check_course_request(stack, reference)
