@@ -7,6 +7,14 @@
 
 ci_say() { printf 'ci: %s\n' "$*" >&2; }
 
+# One step of the provisioning, with its start and its time in the log: a reader of a slow run sees which step it was.
+ci_step() {
+  local started=$SECONDS
+  ci_say "$1: started at $(date +%T)"
+  "$@"
+  ci_say "$1: done in $((SECONDS - started)) s"
+}
+
 ci_cleanups=()
 ci_cleanup() {
   local i

@@ -11,6 +11,7 @@ mmdebstrap, with this machine's CA bundle, and says so in the test run's summary
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import ipaddress
@@ -19,6 +20,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,12 +41,89 @@ ARM64_STANDIN_IMAGE = "zoomcamp-10-python-standin:3.11-arm64"
 BINFMT_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 # Lines for the end of the test run (conftest's pytest_terminal_summary prints them once).
 NOTES: list[str] = []
+# The run's pytest config and the test being run: one-time builds print to the terminal as they go, and pause
+# that test's timeout (pytest_configure and pytest_runtest_protocol below).
+_CONFIG: pytest.Config | None = None
+_RUNNING: pytest.Item | None = None
 
 
 def note(line: str) -> None:
     if line not in NOTES:
         NOTES.append(line)
         print(f"[docker] {line}")
+
+
+def say(line: str) -> None:
+    """A line in the run's log as it happens, not held with the test's captured output: a reader of a slow or
+    timed-out run sees which build it was in."""
+    capture = _CONFIG.pluginmanager.getplugin("capturemanager") if _CONFIG else None
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        sys.stdout.write(f"\n[build {time.strftime('%H:%M:%S')}] {line}\n")
+        sys.stdout.flush()
+
+
+# Each one-time build's allowance in seconds: over twice its slowest cold time measured on a 2-core CI machine
+# (docs/testing.md has the times). A build is not the test's work: the test that happens to need it first does not
+# pay for it out of its own timeout.
+BUDGETS = {
+    "base": 600,  # the stand-in Python base from Debian packages (amd64)
+    "arm64 base": 1200,  # the same for arm64, its packages configured under qemu
+    "image": 900,  # an amd64 image
+    "arm64 image": 1800,  # an arm64 image, built under qemu
+}
+
+
+@contextlib.contextmanager
+def one_time_build(what: str, kind: str):
+    """Run a build shared by the session: say when it starts and how long it took, give it BUDGETS[kind] seconds
+    (the caller's commands take that as their timeout), and stop the running test's timeout meanwhile. The test
+    gets its whole timeout again afterwards."""
+    budget = BUDGETS[kind]
+    item = _RUNNING
+    paused = _pause_timeout(item)
+    say(f"{what}: started (allowed {budget} s)")
+    started = time.monotonic()
+    try:
+        yield budget
+    except BaseException as error:  # a failure, a skip or the budget's timeout: say which, then let it go on
+        say(f"{what}: stopped after {time.monotonic() - started:.0f} s ({type(error).__name__})")
+        raise
+    else:
+        say(f"{what}: done in {time.monotonic() - started:.0f} s")
+    finally:
+        if paused:
+            _resume_timeout(item)
+
+
+def _pause_timeout(item: pytest.Item | None) -> bool:
+    """Stop pytest-timeout's timer of the running test, if it set one (its own cancel hook)."""
+    if item is None or not getattr(item, "cancel_timeout", None):
+        return False
+    item.config.hook.pytest_timeout_cancel_timer(item=item)
+    item.cancel_timeout = None
+    return True
+
+
+def _resume_timeout(item: pytest.Item) -> None:
+    """Set the test's timer again, with its own settings (marker, ini or command line)."""
+    import pytest_timeout
+
+    item.config.hook.pytest_timeout_set_timer(item=item, settings=pytest_timeout._get_item_settings(item))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item):
+    global _RUNNING
+    _RUNNING = item
+    try:
+        yield
+    finally:
+        _RUNNING = None
 
 
 def unavailable(reason: str, switch: str = capabilities.DOCKER):
@@ -125,7 +204,7 @@ def _debian_sources() -> tuple[str, str | None]:
     return release["VERSION_CODENAME"].strip('"'), (uris[0] if uris else None)
 
 
-def _debian_rootfs(rootfs: Path, architecture: str = "") -> str:
+def _debian_rootfs(rootfs: Path, architecture: str = "", timeout: float = 1800) -> str:
     """A minimal Debian root filesystem with Python 3 and venv, as a tar at `rootfs`, for this machine's
     architecture or another one (its maintainer scripts then run under qemu). Returns the Debian suite."""
     if not shutil.which("mmdebstrap"):
@@ -146,15 +225,15 @@ def _debian_rootfs(rootfs: Path, architecture: str = "") -> str:
         str(rootfs),
         *([mirror] if mirror else []),
     ]
-    run(command, timeout=1800)
+    run(command, timeout=timeout)
     return suite
 
 
 def _make_standin(image: str) -> None:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as work:
+    with one_time_build(f"the stand-in Python base {image}", "base") as budget, tempfile.TemporaryDirectory() as work:
         rootfs = Path(work) / "rootfs.tar"
-        suite = _debian_rootfs(rootfs)
+        suite = _debian_rootfs(rootfs, timeout=budget)
         run(
             [
                 "docker",
@@ -232,9 +311,10 @@ def arm64_python_base() -> str:
         note(f"using the arm64 stand-in base {ARM64_STANDIN_IMAGE} made earlier")
         return ARM64_STANDIN_IMAGE
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as work:
+    what = f"the arm64 stand-in Python base {ARM64_STANDIN_IMAGE}"
+    with one_time_build(what, "arm64 base") as budget, tempfile.TemporaryDirectory() as work:
         try:
-            suite = _debian_rootfs(Path(work) / "rootfs.tar", "arm64")
+            suite = _debian_rootfs(Path(work) / "rootfs.tar", "arm64", timeout=budget)
         except (RuntimeError, AssertionError, OSError) as error:
             unavailable(f"no arm64 Python base could be made: {error}", capabilities.ARM64)
         description = f"stand-in Python base made from Debian {suite} arm64 packages"
@@ -242,7 +322,7 @@ def arm64_python_base() -> str:
             "FROM scratch\nADD rootfs.tar /\nENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt\n"
             f'LABEL org.opencontainers.image.description="{description}"\nCMD ["python3"]\n'
         )
-        run(["docker", "build", "--platform", "linux/arm64", "-t", ARM64_STANDIN_IMAGE, work], timeout=900)
+        run(["docker", "build", "--platform", "linux/arm64", "-t", ARM64_STANDIN_IMAGE, work], timeout=budget)
     machine = run(["docker", "run", "--rm", "--platform", "linux/arm64", ARM64_STANDIN_IMAGE, "uname", "-m"]).stdout
     note(f"made the arm64 stand-in base ({machine.strip()}, Debian {suite}) in {time.monotonic() - started:.0f} s")
     return ARM64_STANDIN_IMAGE
@@ -257,7 +337,8 @@ def build(dockerfile: Path, tag: str, context: Path = ROOT, build_args: dict[str
     # Builds reach the package index from the host's network: on machines like CI's, the bridge does not.
     command += ["--network", "host", str(context)]
     started = time.monotonic()
-    run(command, timeout=2400)
+    with one_time_build(f"the image {tag} ({dockerfile.name})", "image") as budget:
+        run(command, timeout=budget)
     return time.monotonic() - started
 
 
@@ -451,6 +532,7 @@ class Outcome:
     status: int | None  # None: no HTTP answer at all
     error: str = ""  # the connection error, or the gateway's error code
     request_id: str = ""  # sent as X-Request-ID; the gateway logs it with every request it handles
+    detail: str = ""  # the gateway's error message
 
     @property
     def refused(self) -> bool:
@@ -471,6 +553,15 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(seen).__name__}: {seen}"[:200]
 
 
+def _error_of(response: requests.Response) -> tuple[str, str]:
+    """The gateway's error code and message; an answer that is not the gateway's JSON says so instead."""
+    try:
+        error = response.json()["error"]
+        return error["code"], error.get("message", "")
+    except (ValueError, KeyError, TypeError):
+        return "not the gateway's JSON", response.text[:200]
+
+
 def access_log_statuses(logs: str) -> dict[str, str]:
     """request id -> status of every POST /predict in gunicorn access log lines (gunicorn.conf.py's format)."""
     found = re.findall(r'"POST /predict[^"]*" (\d{3}) .* rid=([0-9a-f]{32})', logs)
@@ -478,13 +569,21 @@ def access_log_statuses(logs: str) -> dict[str, str]:
 
 
 class Load:
-    """Clients posting one photo each time, a new connection per request, until stopped or a bound is reached."""
+    """Clients posting one photo each time until stopped or a bound is reached: a new connection per request, or
+    with `keep_alive` one connection per client for as long as the server keeps it (as a load balancer or an
+    ingress in front of the gateways would)."""
 
     def __init__(
-        self, urls: list[str], body: bytes, clients: int = 8, max_requests: int = 5000, max_seconds: float = 120
+        self,
+        urls: list[str],
+        body: bytes,
+        clients: int = 8,
+        max_requests: int = 5000,
+        max_seconds: float = 120,
+        keep_alive: bool = False,
     ):
         self.urls, self.body, self.clients = list(urls), body, clients
-        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.max_requests, self.max_seconds, self.keep_alive = max_requests, max_seconds, keep_alive
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -503,17 +602,20 @@ class Load:
             return self.urls[self._sent % len(self.urls)]
 
     def _client(self, deadline: float) -> None:
+        session = requests.Session() if self.keep_alive else requests
         while not self._stop.is_set() and time.monotonic() < deadline:
             url = self._next()
             if url is None:
                 return
             request_id = uuid.uuid4().hex
-            headers = {"Content-Type": "image/jpeg", "Connection": "close", "X-Request-ID": request_id}
+            headers = {"Content-Type": "image/jpeg", "X-Request-ID": request_id}
+            if not self.keep_alive:
+                headers["Connection"] = "close"
             started = time.monotonic()
             try:
-                response = requests.post(url, data=self.body, headers=headers, timeout=30)
-                code = "" if response.ok else response.json().get("error", {}).get("code", "")
-                outcome = Outcome(started, time.monotonic(), url, response.status_code, code, request_id)
+                response = session.post(url, data=self.body, headers=headers, timeout=30)
+                code, message = ("", "") if response.ok else _error_of(response)
+                outcome = Outcome(started, time.monotonic(), url, response.status_code, code, request_id, message)
             except requests.RequestException as error:
                 outcome = Outcome(started, time.monotonic(), url, None, _root_cause(error), request_id)
             with self._lock:

@@ -20,7 +20,16 @@ from test_pods import check_containers_run_as_declared, predict, start_pods, sto
 import gateway
 import protobuf
 from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
-from engine import PHOTO, architecture, arm64_python_base, image_size_mb, note, repository_context, run
+from engine import (
+    PHOTO,
+    architecture,
+    arm64_python_base,
+    image_size_mb,
+    note,
+    one_time_build,
+    repository_context,
+    run,
+)
 from servers import running_model_server
 
 pytestmark = pytest.mark.docker
@@ -32,6 +41,7 @@ GATEWAY_ARM64_IMAGE = "zoomcamp-10-gateway:test-arm64"
 def make_build(target: str, context, base: str) -> float:
     """`make <target>` for arm64 in `context`, as a user on an x86-64 machine would run it; the seconds it took."""
     started = time.monotonic()
+    image = MODEL_SERVER_ARM64_IMAGE if target == "build-model" else GATEWAY_ARM64_IMAGE
     variables = [
         "MODEL_SERVER=local",
         "PLATFORM=linux/arm64",
@@ -40,7 +50,10 @@ def make_build(target: str, context, base: str) -> float:
         f"GATEWAY_IMAGE={GATEWAY_ARM64_IMAGE}",
         "DOCKER_BUILD_FLAGS=--network host",  # the builds reach the package index from the host's network
     ]
-    run(["make", "-C", str(context), "--no-print-directory", target, *variables], timeout=3600)
+    with one_time_build(
+        f"the arm64 image {image} (make {target} PLATFORM=linux/arm64, under qemu)", "arm64 image"
+    ) as budget:
+        run(["make", "-C", str(context), "--no-print-directory", target, *variables], timeout=budget)
     return time.monotonic() - started
 
 
