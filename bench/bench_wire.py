@@ -49,7 +49,7 @@ def request_bytes(target: str, wire: str, photo: bytes) -> int:
     if route.wire != wire:
         raise RuntimeError(f"GATEWAY_WIRE={wire} chose {route.wire}: the model lacks that signature")
     size = client.predict_request(route, gateway.pixels(photo, gateway.Settings())[None]).ByteSize()
-    client.channel.close()
+    client.close()
     return size
 
 

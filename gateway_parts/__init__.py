@@ -9,7 +9,8 @@ It imports these; notebook 04 ("The gateway in production") says why each exists
 - images: decoding a stranger's image bytes safely, upright and in RGB
 - fetching: a request's URLs, fetched in parallel within one deadline (safe_fetch.py fetches each)
 - signatures: which signature a batch goes to, and what it takes on the wire (float32 or uint8)
-- model_client: the model tier behind one gRPC channel (round robin, deadlines, reconnects, version changes)
+- model_client: the model tier behind one gRPC channel (round robin, deadlines, a second try, version changes)
+- discovery: the model tier's name looked up every few seconds, so the channel follows its pods
 - metrics: Prometheus counters, across gunicorn's workers
 - documents: the page and the API document the gateway serves
 - admission: who works, who waits and who is shed, by queueing delay

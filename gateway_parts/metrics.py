@@ -20,6 +20,12 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )
+MODEL_RETRIES = Counter(
+    "gateway_model_retries_total", "Model calls tried a second time, by the first try's status", ["code"]
+)
+MODEL_ADDRESSES = Gauge(
+    "gateway_model_addresses", "Model server addresses the gateway calls (its last lookup)", multiprocess_mode="livemax"
+)
 INFLIGHT = Gauge("gateway_inflight_requests", "Requests being worked on", multiprocess_mode="livesum")
 WAITING = Gauge("gateway_waiting_requests", "Requests waiting for a slot (admission)", multiprocess_mode="livesum")
 

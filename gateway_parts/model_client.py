@@ -1,9 +1,11 @@
 """The model tier behind one gRPC channel, as TF Serving's example client talks to it, made to last.
 
-- one channel per process, reused by every request (a channel is a pool of HTTP/2 connections);
+- one channel per process, reused by every request (a channel is a pool of HTTP/2 connections), following the
+  addresses a name has as they change (discovery.py);
 - `round_robin` over every address the target resolves to: `dns:///clothing-model-headless:8500` in Kubernetes
   (one address per model pod), or `ipv4:10.0.0.1:8500,10.0.0.2:8500`;
-- a deadline on every call, and a short wait for the connection when the model server has just (re)started;
+- a deadline on every call, and a second try within it where one can mend the failure (a connection lost, a
+  model server that stopped with the call in hand);
 - the signature and tensor names asked of the model server (GetModelMetadata), and asked again when a call says
   the model changed under the gateway (a new version with other names).
 """
@@ -20,7 +22,9 @@ import numpy as np
 
 import protobuf
 from contract import CLASSES, SIGNATURE_NAME
+from gateway_parts.discovery import FollowedChannel
 from gateway_parts.errors import GatewayError, model_error
+from gateway_parts.metrics import MODEL_RETRIES
 from gateway_parts.settings import Settings
 from gateway_parts.signatures import Route, choose, routes_from_settings, routes_from_signatures
 
@@ -39,8 +43,27 @@ CHANNEL_OPTIONS = [
 ]
 # After UNAVAILABLE, how long one more try may wait for a connection (within the request's deadline).
 RECONNECT_WAIT = 2.0
+# A call failing with these is tried once more (ModelClient._call).
+_TRY_AGAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 # A call failing with these says the model is not what the gateway thinks: ask its metadata again.
 _MODEL_CHANGED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class Stubs:
+    """TF Serving's three calls that the gateway makes, on one channel."""
+
+    def __init__(self, channel: grpc.Channel):
+        def method(path, request_type, response_type):
+            return channel.unary_unary(
+                path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
+            )
+
+        self.channel = channel
+        self.predict = method(protobuf.PREDICT_METHOD, protobuf.PredictRequest, protobuf.PredictResponse)
+        self.metadata = method(
+            protobuf.METADATA_METHOD, protobuf.GetModelMetadataRequest, protobuf.GetModelMetadataResponse
+        )
+        self.status = method(protobuf.STATUS_METHOD, protobuf.GetModelStatusRequest, protobuf.GetModelStatusResponse)
 
 
 @dataclass
@@ -57,43 +80,64 @@ class ModelClient:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.target = settings.tf_serving_host
-        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._predict = self._method(protobuf.PREDICT_METHOD, protobuf.PredictRequest, protobuf.PredictResponse)
-        self._metadata = self._method(
-            protobuf.METADATA_METHOD, protobuf.GetModelMetadataRequest, protobuf.GetModelMetadataResponse
-        )
-        self._status = self._method(
-            protobuf.STATUS_METHOD, protobuf.GetModelStatusRequest, protobuf.GetModelStatusResponse
+        # Calls in flight on a channel that was replaced finish before it is closed: their deadline, and a second.
+        self.channels = FollowedChannel(
+            self.target,
+            CHANNEL_OPTIONS,
+            Stubs,
+            self._answers,
+            settings.lookup_every,
+            retire_after=settings.predict_timeout + 1,
         )
         self._routes: dict | None = None
         self._routes_lock = threading.Lock()
         self._unavailable_at = float("-inf")  # when a reconnect wait last ended without a connection
 
-    def _method(self, path, request_type, response_type):
-        return self.channel.unary_unary(
-            path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
-        )
+    @property
+    def _stubs(self) -> Stubs:
+        return self.channels.current
 
-    def _call(self, method, message, timeout: float):
-        """One RPC with a deadline. A channel between reconnect attempts (a model server that just started or
-        restarted) fails calls at once; so after UNAVAILABLE, try once more, waiting up to RECONNECT_WAIT for the
-        connection. If that fails too, the first error stands (503), and for the next RECONNECT_WAIT seconds
-        calls fail at once: the model tier is down, not reconnecting."""
+    def close(self) -> None:
+        self.channels.close()
+
+    def _answers(self, stubs: Stubs, seconds: float) -> bool:
+        """Whether a model server behind these stubs answers within `seconds`, whatever it says of the model."""
+        try:
+            stubs.status(self._spec(protobuf.GetModelStatusRequest()), timeout=seconds, wait_for_ready=True)
+        except grpc.RpcError as error:
+            return error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return True
+
+    def _call(self, method: str, message, timeout: float):
+        """One RPC (`method`: predict or metadata) with a deadline, tried once more, within that deadline,
+        on the channel of the moment (round robin then picks a server that is up), when the first try failed in a
+        way another try can mend. Both calls read the model and change nothing, so a second try is harmless:
+
+        - UNAVAILABLE: no connection (a model server that just started or restarted). The second try waits up to
+          RECONNECT_WAIT for one. If it fails too, the tier is down: the first error stands (503), and for the next
+          RECONNECT_WAIT seconds calls fail at once instead of waiting again.
+        - CANCELLED: a model server stopped with the call in hand (a rollout); the gateway never cancels its own."""
         started = time.monotonic()
         try:
-            return method(message, timeout=timeout)
+            return getattr(self._stubs, method)(message, timeout=timeout)
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE:
+            code = error.code()
+            left = started + timeout - time.monotonic()
+            if code not in _TRY_AGAIN or left <= 0 or time.monotonic() - self._unavailable_at < RECONNECT_WAIT:
                 raise
-            wait = min(started + timeout - time.monotonic(), RECONNECT_WAIT)
-            if wait <= 0 or time.monotonic() - self._unavailable_at < RECONNECT_WAIT:
-                raise
+            reconnecting = code == grpc.StatusCode.UNAVAILABLE
+            MODEL_RETRIES.labels(code.name).inc()
             try:
-                return method(message, timeout=wait, wait_for_ready=True)
+                return getattr(self._stubs, method)(
+                    message, timeout=min(left, RECONNECT_WAIT) if reconnecting else left, wait_for_ready=reconnecting
+                )
             except grpc.RpcError as retry_error:
-                if retry_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                gone = retry_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if reconnecting and gone:
                     self._unavailable_at = time.monotonic()
                     raise error from None
+                if retry_error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._unavailable_at = time.monotonic()
                 raise
 
     def _spec(self, message, signature: str = ""):
@@ -136,7 +180,7 @@ class ModelClient:
         request = self._spec(protobuf.GetModelMetadataRequest())
         request.metadata_field.append("signature_def")
         try:
-            response = self._call(self._metadata, request, self.settings.predict_timeout)
+            response = self._call("metadata", request, self.settings.predict_timeout)
         except grpc.RpcError as error:
             raise model_error(error, self.target) from None
         signatures = protobuf.SignatureDefMap.FromString(response.metadata["signature_def"].value).signature_def
@@ -199,12 +243,12 @@ class ModelClient:
         return request
 
     def _predict_on(self, route: Route, batch: np.ndarray, timeout: float):
-        return self._call(self._predict, self.predict_request(route, batch), timeout)
+        return self._call("predict", self.predict_request(route, batch), timeout)
 
     def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
         """Whether the model server has a version of the model AVAILABLE, and a word on why not."""
         try:
-            response = self._status(self._spec(protobuf.GetModelStatusRequest()), timeout=timeout)
+            response = self._stubs.status(self._spec(protobuf.GetModelStatusRequest()), timeout=timeout)
         except grpc.RpcError as error:
             return False, f"{self.target}: {error.code().name} {error.details() or ''}".strip()
         states = {

@@ -46,6 +46,7 @@ class Settings:
     output_name: str = ""
     wire: str = "auto"  # what goes to the model: uint8 pixels when it has the pixel signature (auto), or float32
     predict_timeout: float = 10.0  # seconds; the deadline of every Predict call
+    lookup_every: float = 2.0  # seconds between lookups of the model tier's name (discovery.py); 0: gRPC's own
     max_images: int = 16  # per request, sent to the model as one batch
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # decoded size limit (a 50-megapixel photo); bigger is refused
@@ -70,6 +71,7 @@ class Settings:
             output_name=environ.get("MODEL_OUTPUT", ""),
             wire=wire,
             predict_timeout=env_number(environ, "PREDICT_TIMEOUT_SECONDS", cls.predict_timeout, minimum=0.01),
+            lookup_every=env_number(environ, "TF_SERVING_LOOKUP_SECONDS", cls.lookup_every),
             max_images=env_number(environ, "GATEWAY_MAX_IMAGES", cls.max_images, int, minimum=1),
             max_request_bytes=env_number(environ, "GATEWAY_MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1),
             max_image_pixels=env_number(environ, "GATEWAY_MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),

@@ -5,10 +5,13 @@
 
 Keyword arguments become model_server.py flags (`file_system_poll_wait_seconds=0.2` ->
 `--file_system_poll_wait_seconds=0.2`); `rest_api_port=0` turns REST off.
+
+FakeModelServer is TF Serving's API answering zeros, for tests of the gateway's side of the wire.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -17,14 +20,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from contract import MODEL_NAME
+import protobuf
+from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 # Room for a 32-image batch both ways, as the server allows.
@@ -153,3 +160,95 @@ def terminate(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class FakeModelServer:
+    """TF Serving's Predict, GetModelStatus and GetModelMetadata on 127.0.0.1, answering zeros after `delay` seconds
+    (with `cancel_first`, the first calls are answered CANCELLED).
+
+    Its metadata names the course's signature and notebook 01's uint8 one beside it, as the converted model has
+    them, so the gateway takes its production path (uint8 pixels). It counts the Predict calls it is working on, and
+    the signatures they asked for, so a test can see what reached the model tier.
+    """
+
+    def __init__(self, delay: float = 0.0, cancel_first: int = 0):
+        self.delay = delay
+        self.cancel_first = cancel_first  # Predict calls answered CANCELLED, as by a server stopping under them
+        self.calls = self.in_flight = self.peak = 0
+        self.signatures: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+        service = "tensorflow.serving.{}".format
+        handlers = {
+            service("PredictionService"): {
+                "Predict": grpc.unary_unary_rpc_method_handler(
+                    self._predict,
+                    request_deserializer=protobuf.PredictRequest.FromString,
+                    response_serializer=protobuf.PredictResponse.SerializeToString,
+                ),
+                "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+                    self._metadata,
+                    request_deserializer=protobuf.GetModelMetadataRequest.FromString,
+                    response_serializer=protobuf.GetModelMetadataResponse.SerializeToString,
+                ),
+            },
+            service("ModelService"): {
+                "GetModelStatus": grpc.unary_unary_rpc_method_handler(
+                    self._status,
+                    request_deserializer=protobuf.GetModelStatusRequest.FromString,
+                    response_serializer=protobuf.GetModelStatusResponse.SerializeToString,
+                ),
+            },
+        }
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(name, methods) for name, methods in handlers.items()]
+        )
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> FakeModelServer:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopping.set()  # wakes the calls still sleeping
+        self._server.stop(grace=None).wait()
+
+    def _predict(self, request, context):
+        with self._lock:
+            self.calls += 1
+            if self.calls <= self.cancel_first:
+                context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+            self.signatures[request.model_spec.signature_name] += 1
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            self._stopping.wait(self.delay)
+            rows = request.inputs[INPUT_NAME].tensor_shape.dim[0].size
+            response = protobuf.PredictResponse()
+            response.model_spec.name = MODEL_NAME
+            response.model_spec.version.value = 1
+            logits = np.zeros((rows, len(CLASSES)), dtype=np.float32)
+            response.outputs[OUTPUT_NAME].CopyFrom(protobuf.np_to_protobuf(logits))
+            return response
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _status(self, request, context):
+        response = protobuf.GetModelStatusResponse()
+        response.model_version_status.add(version=1, state=protobuf.AVAILABLE)
+        return response
+
+    def _metadata(self, request, context):
+        signatures = protobuf.SignatureDefMap()
+        for name, dtype in ((SIGNATURE_NAME, protobuf.DT_FLOAT), (UINT8_SIGNATURE_NAME, protobuf.DT_UINT8)):
+            signature = signatures.signature_def[name]
+            signature.inputs[INPUT_NAME].CopyFrom(protobuf.TensorInfo(name=f"{INPUT_NAME}:0", dtype=dtype))
+            signature.outputs[OUTPUT_NAME].CopyFrom(protobuf.TensorInfo(name="out:0", dtype=protobuf.DT_FLOAT))
+        response = protobuf.GetModelMetadataResponse()
+        response.model_spec.name = MODEL_NAME
+        response.model_spec.version.value = 1
+        metadata = response.metadata["signature_def"]
+        metadata.type_url, metadata.value = protobuf.SIGNATURE_DEF_MAP_TYPE_URL, signatures.SerializeToString()
+        return response

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import grpc
-import numpy as np
 import psutil
 import pytest
 import requests
@@ -55,101 +54,13 @@ import photos as photos_module
 import protobuf
 import safe_fetch
 from conftest import PANTS, ROOT
-from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
+from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, UINT8_SIGNATURE_NAME
 from gateway_parts import fetching
 from gateway_parts.model_client import RECONNECT_WAIT
 from gateways import free_port, running_gateway
-from servers import running_model_server
+from servers import FakeModelServer, running_model_server
 
 MIB = 2**20
-
-
-class FakeModelServer:
-    """TF Serving's Predict, GetModelStatus and GetModelMetadata on 127.0.0.1, answering zeros after `delay` seconds.
-
-    Its metadata names the course's signature and notebook 01's uint8 one beside it, as the converted model has
-    them, so the gateway takes its production path (uint8 pixels). It counts the Predict calls it is working on, and
-    the signatures they asked for, so a test can see what reached the model tier.
-    """
-
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
-        self.calls = self.in_flight = self.peak = 0
-        self.signatures: collections.Counter = collections.Counter()
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-        service = "tensorflow.serving.{}".format
-        handlers = {
-            service("PredictionService"): {
-                "Predict": grpc.unary_unary_rpc_method_handler(
-                    self._predict,
-                    request_deserializer=protobuf.PredictRequest.FromString,
-                    response_serializer=protobuf.PredictResponse.SerializeToString,
-                ),
-                "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
-                    self._metadata,
-                    request_deserializer=protobuf.GetModelMetadataRequest.FromString,
-                    response_serializer=protobuf.GetModelMetadataResponse.SerializeToString,
-                ),
-            },
-            service("ModelService"): {
-                "GetModelStatus": grpc.unary_unary_rpc_method_handler(
-                    self._status,
-                    request_deserializer=protobuf.GetModelStatusRequest.FromString,
-                    response_serializer=protobuf.GetModelStatusResponse.SerializeToString,
-                ),
-            },
-        }
-        self._server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(name, methods) for name, methods in handlers.items()]
-        )
-        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-
-    def __enter__(self) -> FakeModelServer:
-        self._server.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stopping.set()  # wakes the calls still sleeping
-        self._server.stop(grace=None).wait()
-
-    def _predict(self, request, context):
-        with self._lock:
-            self.calls += 1
-            self.signatures[request.model_spec.signature_name] += 1
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-        try:
-            self._stopping.wait(self.delay)
-            rows = request.inputs[INPUT_NAME].tensor_shape.dim[0].size
-            response = protobuf.PredictResponse()
-            response.model_spec.name = MODEL_NAME
-            response.model_spec.version.value = 1
-            logits = np.zeros((rows, len(CLASSES)), dtype=np.float32)
-            response.outputs[OUTPUT_NAME].CopyFrom(protobuf.np_to_protobuf(logits))
-            return response
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-
-    def _status(self, request, context):
-        response = protobuf.GetModelStatusResponse()
-        response.model_version_status.add(version=1, state=protobuf.AVAILABLE)
-        return response
-
-    def _metadata(self, request, context):
-        signatures = protobuf.SignatureDefMap()
-        for name, dtype in ((SIGNATURE_NAME, protobuf.DT_FLOAT), (UINT8_SIGNATURE_NAME, protobuf.DT_UINT8)):
-            signature = signatures.signature_def[name]
-            signature.inputs[INPUT_NAME].CopyFrom(protobuf.TensorInfo(name=f"{INPUT_NAME}:0", dtype=dtype))
-            signature.outputs[OUTPUT_NAME].CopyFrom(protobuf.TensorInfo(name="out:0", dtype=protobuf.DT_FLOAT))
-        response = protobuf.GetModelMetadataResponse()
-        response.model_spec.name = MODEL_NAME
-        response.model_spec.version.value = 1
-        metadata = response.metadata["signature_def"]
-        metadata.type_url, metadata.value = protobuf.SIGNATURE_DEF_MAP_TYPE_URL, signatures.SerializeToString()
-        return response
 
 
 def start_gateway(stack: contextlib.ExitStack, tf_serving_host: str, log_dir, **kwargs):
