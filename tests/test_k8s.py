@@ -23,6 +23,7 @@ import yaml
 
 import contract
 from conftest import ROOT
+from gateway_parts.settings import Settings
 from test_containers import (
     GATEWAY_DOCKERFILE,
     MODEL_DOCKERFILE,
@@ -40,6 +41,8 @@ GPU_OVERLAYS = {"gpu", "eks"}
 TARGETS = {"base": K8S / "base", **{name: K8S / "overlays" / name for name in OVERLAYS}}
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 GPU = "nvidia.com/gpu"
+# How long a kubeadm cluster's CoreDNS may answer with a pod that is gone (its Corefile: `ttl 30`, `cache 30`).
+COREDNS_CACHE_SECONDS = 30
 MODEL, GATEWAY = "clothing-model", "gateway"
 # Overlays whose model runs our model-server image (k8s/components/model-server) instead of tensorflow/serving.
 MODEL_SERVER_OVERLAYS = {"arm64"}
@@ -262,6 +265,8 @@ def test_rolling_updates_drop_no_request(target):
     grace = pod_spec(target, GATEWAY)["terminationGracePeriodSeconds"]
     assert grace > prestop_sleep(gateway) + graceful, f"{grace} s <= preStop {prestop_sleep(gateway)} + {graceful}"
     assert pod_spec(target, MODEL)["terminationGracePeriodSeconds"] > prestop_sleep(container(target, MODEL))
+    # A deleted model pod serves on until every gateway can have heard it is gone: CoreDNS's cache, then a lookup.
+    assert prestop_sleep(container(target, MODEL)) > COREDNS_CACHE_SECONDS + Settings().lookup_every
     for name, deployment in objects(target, "Deployment").items():
         if target in GPU_OVERLAYS and name == MODEL:
             continue  # test_gpu_rollouts_can_finish_on_the_declared_gpus
