@@ -167,7 +167,8 @@ ci_kubernetes() {
     return 0
   fi
   local started=$SECONDS
-  ci_apt_install gcc libc6-dev iptables conntrack dnsmasq-base
+  # socat: the kubelet's dockershim forwards ports with it (`kubectl port-forward`, as notebook 06 uses it).
+  ci_apt_install gcc libc6-dev iptables conntrack dnsmasq-base socat
   ci_k8s_binaries
   ci_k8s_pause_image
   # The node's address, and Docker's bridge: the pods' network, whose address on this machine serves their DNS.

@@ -93,6 +93,7 @@ def test_notebook_04_shows_each_production_part_working(model_base, tmp_path):
     assert "413 image_too_large" in shown and "stored 533x400, seen 400x533" in shown
     assert "pixels go to signature serving_uint8" in shown
     assert re.search(r"version 1 before the copy; \d+ answers after it, the last from version 2", shown)
+    assert "refused: PREDICT_TIMEOUT_SECONDS" in shown
     assert "503 model_unavailable" in shown and "'Retry-After': '1'" in shown
     burst = re.search(r"(\d+) arrivals at 3x: (\d+) answered 200, (\d+) shed 503, 0 other", shown)
     assert burst and int(burst[2]) > 0 and int(burst[3]) > 0 and int(burst[1]) == int(burst[2]) + int(burst[3])

@@ -45,11 +45,14 @@ def succeeds(command: str, timeout: float = 60) -> bool:
 
 
 def wait_for(check, timeout: float, what: str, every: float = 1.0):
-    """The first true value of `check()`, tried every `every` seconds for up to `timeout`."""
+    """The first true value of `check()`, tried every `every` seconds for up to `timeout`. A check that raises
+    Missing (require) ends the wait at once: what it waits for cannot come."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             value = check()
+        except Missing:
+            raise
         except Exception as error:  # a service still starting refuses, resets or says 503: try again
             value, last = None, error
         else:
