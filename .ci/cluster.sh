@@ -163,8 +163,8 @@ EOF
 
 ci_kubernetes() {
   if ! timeout 10 docker info >/dev/null 2>&1 || ! ci_can_apt; then
-    ci_say "no Docker engine, or no root with apt: no Kubernetes cluster, the cluster tests will skip"
-    return 0
+    ci_lacks "no Docker engine, or no root with apt: no Kubernetes cluster, the cluster tests will skip"
+    return
   fi
   local started=$SECONDS
   # socat: the kubelet's dockershim forwards ports with it (`kubectl port-forward`, as notebook 06 uses it).

@@ -7,6 +7,16 @@
 
 ci_say() { printf 'ci: %s\n' "$*" >&2; }
 
+# Something CI should provide cannot be had here. Under CI=true that stops the run, saying why; run by hand on
+# another machine, the tests that need it skip and say why.
+ci_lacks() {
+  if [ "${CI:-}" = true ]; then
+    ci_say "CI cannot run everything here: $*"
+    return 1
+  fi
+  ci_say "$*"
+}
+
 # One step of the provisioning, with its start and its time in the log: a reader of a slow run sees which step it was.
 ci_step() {
   local started=$SECONDS
@@ -78,8 +88,8 @@ ci_docker_engine() {
   if timeout 20 docker info >/dev/null 2>&1; then
     ci_say "a Docker engine answers: the container tests use it"
   elif ! ci_can_apt; then
-    ci_say "no Docker engine, and no root with apt to install one: the container tests will skip"
-    return 0
+    ci_lacks "no Docker engine, and no root with apt to install one: the container tests will skip"
+    return
   else
     command -v dockerd >/dev/null 2>&1 || ci_apt_install docker.io
     local log
@@ -128,8 +138,8 @@ ci_stop_dockerd() {
 ci_browser() {
   if ! command -v chromium >/dev/null 2>&1; then
     if ! ci_can_apt; then
-      ci_say "no chromium, and no root with apt to install it: the browser test will skip"
-      return 0
+      ci_lacks "no chromium, and no root with apt to install it: the browser test will skip"
+      return
     fi
     ci_apt_install chromium
   fi
@@ -148,8 +158,8 @@ ci_arm64() {
     [ -e "$entry" ] || update-binfmts --enable qemu-aarch64
   fi
   if [ ! -e "$entry" ]; then
-    ci_say "qemu-aarch64 is not registered in binfmt_misc, and there is no root with apt to do it: the arm64 tests will skip"
-    return 0
+    ci_lacks "qemu-aarch64 is not registered in binfmt_misc, and there is no root with apt to do it: the arm64 tests will skip"
+    return
   fi
   if ! head -n 1 "$entry" | grep -qx enabled || ! grep -q '^flags:.*F' "$entry"; then
     ci_say "qemu-aarch64 is registered but not enabled with the F flag:"; cat "$entry" >&2; return 1
@@ -166,6 +176,16 @@ ci_dataset() {
     ci_say "the clothing photos are at $dataset"
     export ZOOMCAMP_REQUIRE_DATASET=1
   else
-    ci_say "no clothing photos at $dataset: the tests that compare on them will skip"
+    ci_lacks "no clothing photos at $dataset: the tests that compare on them will skip"
+  fi
+}
+
+# An IPv6 loopback, for the test that fetches over it.
+ci_ipv6() {
+  if python3 -c 'import socket; socket.socket(socket.AF_INET6).bind(("::1", 0))' 2>/dev/null; then
+    ci_say "IPv6 loopback: yes"
+    export ZOOMCAMP_REQUIRE_IPV6=1
+  else
+    ci_lacks "no IPv6 loopback (::1): the test that fetches over it will skip"
   fi
 }

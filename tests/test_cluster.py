@@ -216,6 +216,12 @@ def scale(namespace: str, deployment: str, replicas: int, drop_at_once: bool = F
         wait_for(lambda: len(pods(namespace, deployment)) == replicas, 120, f"only {replicas} {deployment} pods")
 
 
+def failed_attempts(namespace: str) -> int:
+    """How many times the scheduler has tried a namespace's pods and found no node (its FailedScheduling events)."""
+    events = kubectl_json("get", "events", "-n", namespace, "--field-selector", "reason=FailedScheduling")["items"]
+    return sum(event.get("count") or 1 for event in events)
+
+
 # ---- the tests ----------------------------------------------------------------------------------------------
 
 
@@ -318,8 +324,7 @@ def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer
     for status, headers, body in answers:
         assert status == 503 and body["error"]["code"] == "model_unavailable", body
         assert headers["Retry-After"] == "1"
-    back = wait_for(lambda: predict(deployed.url)[0] == 200, 120, "a 200 once the model tier is back")
-    assert back
+    wait_for(lambda: predict(deployed.url)[0] == 200, 120, "a 200 once the model tier is back")
 
 
 def test_the_disruption_budget_blocks_an_eviction_that_would_break_it(deployed):
@@ -381,7 +386,9 @@ def test_the_gpu_overlays_model_waits_for_a_gpu_and_schedules_once_the_node_has_
             return conditions.get("PodScheduled")
 
         pending = wait_for(scheduling, 60, "the scheduler's verdict")
-        time.sleep(5)  # the scheduler tries again on its own: it must still find no GPU
+        assert pending["status"] == "False" and "Insufficient nvidia.com/gpu" in pending["message"], pending
+        # The scheduler tries again on its own: after another attempt it must still find no GPU.
+        wait_for(lambda: failed_attempts(namespace) >= 2, 120, "the scheduler's second attempt")
         pending = scheduling()
         assert pending["status"] == "False" and "Insufficient nvidia.com/gpu" in pending["message"], pending
         gpu = "nvidia.com~1gpu"  # "/" in a JSON Pointer

@@ -811,6 +811,28 @@ def _nasty_requests(photo: bytes) -> dict:
     }
 
 
+# What each of _nasty_requests gets: (status, the gateway's error code). The 16-megapixel PNG is within the pixel
+# limit, and a request id that is not sane is replaced, not refused.
+NASTY_ANSWERS = {
+    "truncated-jpeg": (422, "undecodable_image"),
+    "jpeg-header-only": (422, "undecodable_image"),
+    "empty-jpeg": (415, "unsupported_media_type"),
+    "png-bomb": (413, "image_too_large"),
+    "16-megapixel-png": (200, ""),
+    "over-the-body-limit": (413, "request_too_large"),
+    "17-files": (413, "too_many_images"),
+    "garbage-base64": (400, "invalid_request"),
+    "json-nested-2000-deep": (400, "invalid_request"),
+    "invalid-utf8-json": (400, "invalid_request"),
+    "long-url": (400, "url_blocked"),
+    "blocked-addresses": (400, "url_blocked"),
+    "not-http": (400, "invalid_url"),
+    "credentials-and-control-characters": (400, "invalid_url"),
+    "top-k-huge": (400, "invalid_request"),
+    "request-id-injection": (200, ""),
+}
+
+
 def _refused_before_dns(url: str) -> bool:
     """Whether safe_fetch stops `url` without a DNS query: unparseable, or its host is an IP address."""
     try:
@@ -851,8 +873,9 @@ def test_a_gunicorn_worker_survives_the_nastiest_requests(photos, tmp_path):
         answers = {}
         for name, request in cases.items():
             response = requests.post(f"{gw.url}/predict", timeout=60, **request)
-            answers[name] = response.status_code
             _check_answer(response.status_code, response.content, name)
+            answers[name] = (response.status_code, response.json().get("error", {}).get("code", ""))
+        assert answers == NASTY_ANSWERS
         # What each gets: a 400 from the HTTP parser; nothing for a body that never came whole (the client said it
         # sends no more, so the gateway drops the request and closes); a header of 20 KB is served.
         raw = {
