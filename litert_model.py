@@ -60,9 +60,14 @@ def write_model(signatures: dict, trackable, directory: Path) -> Path:
 
 def signature_list(path: Path) -> dict:
     """{signature: {"inputs": [...], "outputs": [...]}} as LiteRT's interpreter reads the file."""
+    return signature_list_of(Path(path).read_bytes())
+
+
+def signature_list_of(model: bytes) -> dict:
+    """signature_list() of a model in memory."""
     from ai_edge_litert.interpreter import Interpreter
 
-    return Interpreter(model_path=str(path)).get_signature_list()
+    return Interpreter(model_content=model).get_signature_list()
 
 
 def photo_pixels(folder: Path, limit: int | None = None) -> tuple[list[Path], np.ndarray]:
