@@ -101,7 +101,8 @@ def array_to_tensor_proto(value: np.ndarray, proto) -> None:
     except ValueError as e:
         raise ServingError(Code.INTERNAL, f"cannot send the model's output: {e}") from e
     proto.dtype = data_type
-    proto.tensor_shape.dim.extend(protobuf.TensorShapeProto.Dim(size=d) for d in value.shape)
+    for size in value.shape:
+        proto.tensor_shape.dim.add(size=size)
     flat = value.ravel()
     if data_type == protobuf.DT_HALF:  # half_val holds the 16-bit patterns
         flat = flat.view(np.uint16)
