@@ -86,7 +86,8 @@ def photo_pixels(folder: Path, limit: int | None = None) -> tuple[list[Path], np
 def compare(version_dir: Path, pixels: np.ndarray, batch: int = 8) -> dict:
     """Both signatures run by TensorFlow (the SavedModel) and by LiteRT (model.tflite) on the same pixels, the float32
     one on them scaled as the gateway scales them: per signature, the largest difference of a logit, the largest
-    logit (for scale), and how many images get another top class."""
+    logit, the one relative to the other (float32 rounding grows with the logits' size), and how many images get
+    another top class."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
@@ -102,10 +103,12 @@ def compare(version_dir: Path, pixels: np.ndarray, batch: int = 8) -> dict:
             tensorflow.append(saved[name](**{contract.INPUT_NAME: tf.constant(chunk)})[contract.OUTPUT_NAME].numpy())
             litert.append(runner(**{contract.INPUT_NAME: chunk})[contract.OUTPUT_NAME])
         tensorflow, litert = np.concatenate(tensorflow), np.concatenate(litert)
+        difference, largest = float(np.abs(tensorflow - litert).max()), float(np.abs(tensorflow).max())
         result[name] = {
             "images": len(values),
-            "max_abs_diff": float(np.abs(tensorflow - litert).max()),
-            "max_abs_logit": float(np.abs(tensorflow).max()),
+            "max_abs_diff": difference,
+            "max_abs_logit": largest,
+            "max_rel_diff": difference / largest if largest else difference,
             "top_class_differs": int((tensorflow.argmax(1) != litert.argmax(1)).sum()),
         }
     return result
