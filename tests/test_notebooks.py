@@ -59,9 +59,12 @@ def _run(notebook: str, tmp_path, **parameters) -> tuple[str, list[dict]]:
     return "".join(texts), outputs
 
 
-def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_folder):
+@pytest.mark.parametrize("runtime", ["tensorflow", "litert"])
+def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_folder, runtime):
+    """The course's client, step by step, against the local model server on either runtime."""
+    photo = str(photo_folder / PANTS)
     shown, _ = _run(
-        "02-tf-serving-connect.ipynb", tmp_path, model_base_path=str(model_base), photo=str(photo_folder / PANTS)
+        "02-tf-serving-connect.ipynb", tmp_path, model_base_path=str(model_base), photo=photo, model_runtime=runtime
     )
     assert "same as keras-image-helper: True" in shown  # the gateway's preprocessing is the course's
     assert re.search(r"largest difference from section 6: [0-9.e-]+\n", shown)
