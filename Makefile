@@ -132,7 +132,7 @@ lint: $(ENV_STAMP) ## ruff on the code and notebooks, hadolint on the Dockerfile
 # The model tier's image. MODEL_SERVER=tf-serving (default): tensorflow/serving, x86-64 only. MODEL_SERVER=local:
 # model_server.py with TensorFlow on a slim Python (dockerfiles/image-model-server.dockerfile), native on arm64 too.
 # MODEL_SERVER=litert: model_server.py --runtime=litert without TensorFlow (dockerfiles/image-model-server-litert.dockerfile),
-# a fifth of the size, ready in about a second, faster on CPUs; amd64 and arm64.
+# a fifth of the size, ready in under two seconds; amd64 and arm64.
 MODEL_SERVER ?= tf-serving
 MODEL_IMAGE ?= zoomcamp-10-model:xception-v4-001
 MODEL_GPU_IMAGE ?= $(MODEL_IMAGE)-gpu

@@ -14,7 +14,7 @@ labels or several models at once.
 
 Two runtimes, chosen by --runtime: `tensorflow` (the default) loads <version>/saved_model.pb as TF Serving does;
 `litert` loads <version>/model.tflite (notebook 01 writes both) with LiteRT, and runs without TensorFlow installed:
-a small image that is ready in about a second and faster on CPUs (docs/model-server.md says when to choose which).
+a small image that is ready in under two seconds (docs/model-server.md says when to choose which).
 
 This file is the command line and the wiring; the parts live in the `serving` package, one module each:
 versions (the model on disk), batching, predict (a request's checks), tensors, grpc_api, rest_api, and the

@@ -51,7 +51,7 @@ COPY --from=builder /staging/batching.config /etc/tf-serving/batching.config
 # The server only reads the model: it runs as nobody, as the tensorflow/serving images here do.
 USER 65534:65534
 EXPOSE 8500 8501
-# Healthy once the model is AVAILABLE (REST status, standard library only). It is, about a second after the start.
+# Healthy once the model is AVAILABLE (REST status, standard library only): under two seconds after the start here.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; b = u.urlopen('http://127.0.0.1:8501/v1/models/' + os.environ['MODEL_NAME'], timeout=2).read(); raise SystemExit(b'AVAILABLE' not in b)"]
 # Python is PID 1 and model_server.py handles SIGTERM itself (in-flight requests finish, then it exits).

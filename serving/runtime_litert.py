@@ -1,6 +1,6 @@
 """The LiteRT runtime: a version is <version>/model.tflite (notebook 01 writes it beside the SavedModel, with the same
 signatures), run by LiteRT's interpreter with XNNPACK on the CPU. It imports ai_edge_litert and no TensorFlow, so the
-server runs from a small image (dockerfiles/image-model-server-litert.dockerfile) and is ready in about a second."""
+server runs from a small image (dockerfiles/image-model-server-litert.dockerfile), ready in under two seconds."""
 
 from __future__ import annotations
 
