@@ -18,13 +18,14 @@ import gateway
 from conftest import PANTS, ROOT
 from contract import CLASSES, IMAGE_SIZE
 from gateways import free_port, running_gateway
-from servers import running_model_server
+from servers import RUNTIMES, running_model_server
 from standin import export_float32_only
 
 
-@pytest.fixture(scope="module")
-def model_server(model_base):
-    with running_model_server(model_base, rest_api_port=0) as server:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def model_server(model_base, request):
+    """The model tier on each runtime: the gateway's tests run against both."""
+    with running_model_server(model_base, runtime=request.param, rest_api_port=0) as server:
         yield server
 
 

@@ -60,9 +60,11 @@ def _run(notebook: str, tmp_path, **parameters) -> tuple[str, list[dict]]:
     return "".join(texts), outputs
 
 
-def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_server):
-    """The course's five steps, the course's gateway answering the course's request (the photo served on this
-    machine), each difference of ours shown, and our gateway giving section 6's answer."""
+@pytest.mark.parametrize("runtime", ["tensorflow", "litert"])
+def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_server, runtime):
+    """The course's five steps against the local model server on either runtime, the course's gateway answering the
+    course's request (the photo served on this machine), each difference of ours shown, and our gateway giving
+    section 6's answer."""
     (tmp_path / "photo.jpg").write_bytes(PHOTO)
     shown, _ = _run(
         "02-tf-serving-connect.ipynb",
@@ -70,6 +72,7 @@ def test_notebook_02_runs_top_to_bottom(model_base, tmp_path, photo_server):
         model_base_path=str(model_base),
         photo=str(tmp_path / "photo.jpg"),
         photo_url=f"http://127.0.0.1:{photo_server}/pants.jpg",
+        model_runtime=runtime,
     )
     course = re.search(r"the course's gateway, largest difference from section 6: (\S+)", shown)
     assert course and float(course[1]) <= 1e-5, "the course's gateway answers as sections 2 to 6 did"
