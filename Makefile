@@ -118,9 +118,13 @@ serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) unti
 	@$(MAKE) --no-print-directory model-if-missing
 	@$(RUN) python local_stack.py serve --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
 
+# Two processes, each test module whole in one of them: much of the suite's time is spent waiting on containers and
+# the cluster, and one module's fixtures (a deployment, a compose project) serve all its tests.
+TEST_WORKERS ?= 2
+
 test: $(ENV_STAMP) ## Run the whole test suite (tests needing Docker, a browser, a cluster or the internet skip, saying why)
 	@$(PIPENV) verify >/dev/null || { echo "Pipfile.lock is out of date with Pipfile: run pipenv lock"; exit 1; }
-	$(RUN) pytest
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(ENV_STAMP) ## ruff on the code and notebooks, hadolint on the Dockerfiles
 	$(RUN) ruff check .

@@ -120,3 +120,27 @@ def execute_notebook(notebook: Path, executed: Path, cwd: Path, **parameters) ->
     outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
     texts = ["".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", "")) for o in outputs]
     return "".join(texts), outputs
+
+
+# The slowest modules first (longest first, as measured): `make test`'s two workers each take whole modules in this
+# order, so the long ones start at once and the short ones fill in around them, instead of two long ones meeting at
+# the end.
+SLOW_FIRST = [
+    "test_cluster.py",
+    "test_compose_stack.py",
+    "test_arm64.py",
+    "test_bench.py",
+    "test_local_stack.py",
+    "test_notebooks.py",
+    "test_experiments.py",
+    "test_load_and_faults.py",
+    "test_gateway_e2e.py",
+    "test_model_server.py",
+    "test_training.py",
+    "test_wire.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

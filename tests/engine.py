@@ -12,10 +12,12 @@ mmdebstrap, with this machine's CA bundle, and says so in the test run's summary
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import http.server
 import ipaddress
 import json
+import os
 import re
 import shutil
 import socket
@@ -56,11 +58,17 @@ def note(line: str) -> None:
 def say(line: str) -> None:
     """A line in the run's log as it happens, not held with the test's captured output: a reader of a slow or
     timed-out run sees which build it was in."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
     capture = _CONFIG.pluginmanager.getplugin("capturemanager") if _CONFIG else None
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        sys.stdout.write(f"\n[build {time.strftime('%H:%M:%S')}] {line}\n")
-        sys.stdout.flush()
+        if worker:  # a worker of `pytest -n`: its standard output goes nowhere, its standard error to the run's log
+            os.write(2, f"\n[build {time.strftime('%H:%M:%S')} {worker}] {line}\n".encode())
+        else:
+            sys.stdout.write(f"\n[build {time.strftime('%H:%M:%S')}] {line}\n")
+            sys.stdout.flush()
 
+
+BUILD_LOCK = Path(tempfile.gettempdir()) / "zoomcamp-10-one-time-build.lock"
 
 # Each one-time build's allowance in seconds: over twice its slowest cold time measured on a 2-core CI machine
 # (docs/testing.md has the times). A build is not the test's work: the test that happens to need it first does not
@@ -77,19 +85,26 @@ BUDGETS = {
 def one_time_build(what: str, kind: str):
     """Run a build shared by the session: say when it starts and how long it took, give it BUDGETS[kind] seconds
     (the caller's commands take that as their timeout), and stop the running test's timeout meanwhile. The test
-    gets its whole timeout again afterwards."""
+    gets its whole timeout again afterwards. One build runs at a time on this machine: the workers of `pytest -n`
+    need the same images, and the second to ask finds the first one's layers in Docker's cache."""
     budget = BUDGETS[kind]
     item = _RUNNING
     paused = _pause_timeout(item)
-    say(f"{what}: started (allowed {budget} s)")
-    started = time.monotonic()
     try:
-        yield budget
-    except BaseException as error:  # a failure, a skip or the budget's timeout: say which, then let it go on
-        say(f"{what}: stopped after {time.monotonic() - started:.0f} s ({type(error).__name__})")
-        raise
-    else:
-        say(f"{what}: done in {time.monotonic() - started:.0f} s")
+        with open(BUILD_LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                say(f"{what}: waiting for another worker's build")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            say(f"{what}: started (allowed {budget} s)")
+            started = time.monotonic()
+            try:
+                yield budget
+            except BaseException as error:  # a failure, a skip or the budget's timeout: say which, then go on
+                say(f"{what}: stopped after {time.monotonic() - started:.0f} s ({type(error).__name__})")
+                raise
+            say(f"{what}: done in {time.monotonic() - started:.0f} s")
     finally:
         if paused:
             _resume_timeout(item)
