@@ -105,24 +105,36 @@ def load_for_training(split: Split, image_size: int) -> np.ndarray:
     return np.concatenate([resize(batch).numpy() for batch in photo_batches(split.paths)])
 
 
+def average_2x2(images):
+    """The model's 2x2 averages (its AveragePooling2D layer), for training batches: the same means, summed in
+    another order, several times faster than that layer's kernel on three channels."""
+    shape = tf.shape(images)
+    blocks = tf.reshape(images, [shape[0], shape[1] // 2, 2, shape[2] // 2, 2, 3])
+    return tf.reduce_mean(blocks, axis=[2, 4])
+
+
 # ---- the network ------------------------------------------------------------------------------------------------
 
 
 def build_network(image_size: int = 96, filters=(64, 128, 256, 512), top: int = 768, dropout: float = 0.3, seed=1):
-    """The network that trains: 2*image_size px in (the photo after the model's resize layer), ten logits out.
-
-    Xception's pattern at a small size: an entry convolution, then blocks of two separable convolutions and a
-    strided max pool, each added to a strided 1x1 convolution of its input (the residual shortcut), then one more
-    separable convolution, global average pooling, dropout and the logits, named `dense_7` as in the course."""
+    """The network that trains: image_size px in (the photo after the model's resize and 2x2 averages), ten
+    logits out. Its trunk, dropout and `dense_7` are the saved model's own layers (course_model)."""
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((2 * image_size, 2 * image_size, 3), name="resized")
-    features = build_trunk(image_size, filters, top)(downscale_layers(image_size)[1](inputs))
+    inputs = keras.Input((image_size, image_size, 3), name="downscaled")
+    features = build_trunk(image_size, filters, top)(inputs)
     logits = layers.Dense(len(CLASSES), name=OUTPUT_NAME)(layers.Dropout(dropout, name="dropout")(features))
     return keras.Model(inputs, logits, name="small_xception_training")
 
 
 def build_trunk(image_size: int, filters, top: int) -> keras.Model:
-    """image_size px in, a vector of `top` features out: the part a photo and its mirror image share."""
+    """image_size px in, a vector of `top` features out: the part a photo and its mirror image share.
+
+    Xception's pattern at a small size: an entry convolution, then blocks of two separable convolutions (a 3x3
+    filter per channel, then a 1x1 mix of the channels), the second with a stride of 2, each block added to a
+    strided 1x1 convolution of its input (the residual shortcut), then one more separable convolution and global
+    average pooling. Xception halves the size with a 3x3 max pool after the second convolution instead; the stride
+    does a quarter of that convolution's work and no pooling (measured here, with the 2x2 averages moved from the
+    network into the batches: 0.7 s of CPU per batch of 32 instead of 1.2)."""
     inputs = keras.Input((image_size, image_size, 3))
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(inputs)
     x = layers.Activation("relu", name="entry")(layers.BatchNormalization()(x))
@@ -130,9 +142,8 @@ def build_trunk(image_size: int, filters, top: int) -> keras.Model:
         shortcut = layers.BatchNormalization()(layers.Conv2D(width, 1, strides=2, padding="same", use_bias=False)(x))
         x = layers.SeparableConv2D(width, 3, padding="same", use_bias=False)(x)
         x = layers.Activation("relu")(layers.BatchNormalization()(x))
-        x = layers.SeparableConv2D(width, 3, padding="same", use_bias=False)(x)
-        x = layers.MaxPooling2D(3, strides=2, padding="same")(layers.BatchNormalization()(x))
-        x = layers.add([x, shortcut], name=f"block_{block}")
+        x = layers.SeparableConv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
+        x = layers.add([layers.BatchNormalization()(x), shortcut], name=f"block_{block}")
     x = layers.SeparableConv2D(top, 3, padding="same", use_bias=False)(x)
     x = layers.Activation("relu")(layers.BatchNormalization()(x))
     return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name="trunk")
@@ -154,14 +165,16 @@ def augmenter(rotation: float = 0.05, zoom: float = 0.15, shift: float = 0.1, se
 
 
 def batches(x: np.ndarray, labels: np.ndarray, batch_size: int, augment=None, seed: int = 1) -> tf.data.Dataset:
-    """(images, one-hot labels) in batches; shuffled and augmented anew each epoch when `augment` is given."""
+    """(images averaged 2x2 down to the network's size, one-hot labels) in batches from the photos at twice that
+    size; shuffled and augmented (before the averages) anew each epoch when `augment` is given."""
     data = tf.data.Dataset.from_tensor_slices((x, np.eye(len(CLASSES), dtype=np.float32)[labels]))
     if augment is not None:
         data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    data = data.batch(batch_size)
-    if augment is not None:
-        data = data.map(lambda images, y: (augment(images, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
+
+    def prepare(images, y):
+        return average_2x2(augment(images, training=True) if augment is not None else images), y
+
+    return data.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 class Progress(keras.callbacks.Callback):
