@@ -178,20 +178,21 @@ def batches(x: np.ndarray, labels: np.ndarray, batch_size: int, augment=None, se
 
 
 class Progress(keras.callbacks.Callback):
-    """One line per epoch: the losses and accuracies, the epoch's time and the time so far."""
+    """One line per epoch: the losses and accuracies, the epoch's time and the time so far, and the CPU time the
+    epoch took (all threads), which says how much of the machine training had, when others share it."""
 
     def on_train_begin(self, logs=None):
         self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.monotonic()
+        self.epoch_started, self.epoch_cpu = time.monotonic(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time() - self.epoch_cpu
         print(
             f"epoch {epoch + 1:>2}/{self.params['epochs']}: loss {logs['loss']:.3f}, accuracy {logs['accuracy']:.3f}; "
             f"validation loss {logs['val_loss']:.3f}, accuracy {logs['val_accuracy']:.3f}; "
-            f"{now - self.epoch_started:.0f} s ({(now - self.started) / 60:.1f} min in all)",
+            f"{now - self.epoch_started:.0f} s, {cpu:.0f} s of CPU ({(now - self.started) / 60:.1f} min in all)",
             flush=True,
         )
 
