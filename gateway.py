@@ -23,7 +23,7 @@ from contract import CLASSES, IMAGE_SIZE
 from gateway_parts import documents
 from gateway_parts.errors import GatewayError, answer_errors_as_json
 from gateway_parts.fetching import fetch_all
-from gateway_parts.front import Front
+from gateway_parts.front import Front, admission_times
 from gateway_parts.images import decode_image, scale, to_rgb
 from gateway_parts.intake import images_in_request, request_id
 from gateway_parts.metrics import IMAGES, INFLIGHT, REQUESTS, STAGE_SECONDS, metrics_payload
@@ -113,9 +113,7 @@ def answer_options() -> tuple[bool, int]:
 def predict():
     settings, client = gateway_state()
     detail, top_k = answer_options()
-    # The front admitted this request after it waited from `arrived` to `admitted`; without the front, none waited.
-    arrived = request.environ.get("gateway.arrived", g.started)
-    admitted = request.environ.get("gateway.admitted", g.started)
+    arrived, admitted = admission_times(request.environ, g.started)
     timings = {"queue": timed("queue", arrived, admitted)}
     INFLIGHT.inc()
     try:
@@ -195,4 +193,5 @@ def create_app(settings: Settings | None = None, client: ModelClient | None = No
 
 
 # %% notebooks/02-tf-serving-connect.ipynb, cell "module-app"
-app = Front(create_app())  # what gunicorn serves: `gunicorn --config gunicorn.conf.py gateway:app`
+flask_app = create_app()
+app = Front(flask_app)  # what gunicorn serves: `gunicorn --config gunicorn.conf.py gateway:app`

@@ -1,4 +1,4 @@
-"""A local TensorFlow Serving: serves a SavedModel over TF Serving's gRPC and REST APIs.
+"""A local TensorFlow Serving: serves a SavedModel, or its LiteRT twin, over TF Serving's gRPC and REST APIs.
 
 TF Serving ships only as an x86-64 Docker image, so it does not run natively on Apple Silicon nor
 without Docker. This server speaks the same APIs on the same ports, so every TF Serving client (the
@@ -12,8 +12,13 @@ base path, picks up a new one without a restart, batches requests when asked to,
 requests on SIGTERM. It does not do Classify, Regress or MultiInference, model config files, version
 labels or several models at once.
 
+Two runtimes, chosen by --runtime: `tensorflow` (the default) loads <version>/saved_model.pb as TF Serving does;
+`litert` loads <version>/model.tflite (notebook 01 writes both) with LiteRT, and runs without TensorFlow installed:
+a small image that is ready in under two seconds (docs/model-server.md says when to choose which).
+
 This file is the command line and the wiring; the parts live in the `serving` package, one module each:
-versions (the model on disk), batching, predict (a request's checks and tensors), grpc_api and rest_api.
+versions (the model on disk), batching, predict (a request's checks), tensors, grpc_api, rest_api, and the
+runtimes (runtime_tensorflow, runtime_litert), of which only the chosen one is imported.
 """
 
 from __future__ import annotations
@@ -34,18 +39,16 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import tensorflow as tf
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from werkzeug.serving import make_server
 
 from contract import GRPC_PORT, MODEL_BASE_PATH, MODEL_NAME, REST_PORT
 from serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from serving.errors import StartupError
-from serving.grpc_api import SERVICE_NAMES, ModelService, PredictionService
+from serving.grpc_api import SERVICE_NAMES, handlers
 from serving.predict import Predictor
 from serving.rest_api import RestApi
-from serving.versions import ModelManager
+from serving.versions import ModelManager, Runtime
 
 log = logging.getLogger("model_server")
 
@@ -58,17 +61,18 @@ DEFAULT_MAX_REQUESTS = 32
 SPARE_GRPC_THREADS = 8
 
 
-def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
-    """TF Serving's --tensorflow_intra_op_parallelism and --tensorflow_inter_op_parallelism: threads for one
-    operation, and for independent operations at once; 0 leaves TensorFlow's choice (about one per core). Set
-    before TensorFlow runs anything."""
-    try:
-        if intra_op:
-            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-        if inter_op:
-            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-    except RuntimeError as e:  # TensorFlow already ran in this process: its thread pools are fixed
-        raise StartupError(f"cannot set TensorFlow's threads: {e}") from e
+RUNTIMES = ("tensorflow", "litert")
+
+
+def load_runtime(args: argparse.Namespace) -> Runtime:
+    """The chosen runtime's module, imported only now: the LiteRT server never imports TensorFlow."""
+    if args.runtime == "litert":
+        from serving.runtime_litert import LiteRTRuntime
+
+        return LiteRTRuntime(args.tensorflow_intra_op_parallelism)
+    from serving.runtime_tensorflow import TensorFlowRuntime
+
+    return TensorFlowRuntime(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
 
 
 class ModelServer:
@@ -77,19 +81,17 @@ class ModelServer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         base_path = Path(args.model_base_path)
+        runtime = load_runtime(args)
         if not base_path.is_dir():
             raise StartupError(
-                f"Model base path {base_path} is not a directory. It should hold numbered SavedModel versions "
-                f"(<base>/1/saved_model.pb); for the course model run `make model` first, or pass --model_base_path."
+                f"Model base path {base_path} is not a directory. It should hold numbered versions for "
+                f"{runtime.name} (<base>/1/{runtime.model_file}); for the course model run `make model` first, "
+                "or pass --model_base_path."
             )
-        set_tensorflow_threads(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
-        log.info(
-            "TensorFlow threads: %d per operation, %d for operations at once (0: TensorFlow's choice)",
-            tf.config.threading.get_intra_op_parallelism_threads(),
-            tf.config.threading.get_inter_op_parallelism_threads(),
-        )
         self.health = health.HealthServicer()
-        self.models = ModelManager(args.model_name, base_path, args.file_system_poll_wait_seconds, self._serving)
+        self.models = ModelManager(
+            args.model_name, base_path, runtime, args.file_system_poll_wait_seconds, self._serving
+        )
         self.batcher = None
         if args.enable_batching:
             options = BatchingOptions()
@@ -133,10 +135,7 @@ class ModelServer:
                 *args.grpc_channel_arguments,
             ],
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.models, self.predictor), self.grpc_server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.models), self.grpc_server)
+        self.grpc_server.add_generic_rpc_handlers(handlers(self.models, self.predictor))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         try:
             port = self.grpc_server.add_insecure_port(f"{args.host}:{args.port}")
@@ -198,7 +197,9 @@ def _channel_arguments(text: str) -> list[tuple[str, int | str]]:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with flags spelled as tensorflow_model_server spells them; MODEL_NAME and MODEL_BASE_PATH
     as the tensorflow/serving image reads them (the base path there is $MODEL_BASE_PATH/$MODEL_NAME)."""
-    parser = argparse.ArgumentParser(description="Serve a SavedModel over TF Serving's gRPC and REST APIs.")
+    parser = argparse.ArgumentParser(
+        description="Serve a SavedModel or a LiteRT model over TF Serving's gRPC and REST APIs."
+    )
     _serving_flags(parser)
     _limit_flags(parser)
     args = parser.parse_args(argv)
@@ -228,8 +229,15 @@ def _serving_flags(parser: argparse.ArgumentParser) -> None:
         help="the name clients ask for ($MODEL_NAME, else %(default)s)",
     )
     parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=os.environ.get("MODEL_RUNTIME", "tensorflow"),
+        help="what runs the model: tensorflow (<version>/saved_model.pb, as TF Serving) or litert "
+        "(<version>/model.tflite, without TensorFlow) ($MODEL_RUNTIME, else %(default)s)",
+    )
+    parser.add_argument(
         "--model_base_path",
-        help=f"directory of numbered SavedModel versions ($MODEL_BASE_PATH/<model name>, else {MODEL_BASE_PATH} "
+        help=f"directory of numbered model versions ($MODEL_BASE_PATH/<model name>, else {MODEL_BASE_PATH} "
         "in this repository)",
     )
     parser.add_argument(
@@ -283,14 +291,15 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
         "--tensorflow_intra_op_parallelism",
         type=int,
         default=0,
-        help="threads that one operation of the model may use; 0: TensorFlow's choice, about one per core. With "
-        "several requests at once, 1 can serve more of them (docs/model-server.md) (%(default)s)",
+        help="threads that one operation of the model may use (with litert: that one call may use); 0: the runtime's "
+        "choice, about one per core. With several requests at once, 1 can serve more of them (docs/model-server.md) "
+        "(%(default)s)",
     )
     parser.add_argument(
         "--tensorflow_inter_op_parallelism",
         type=int,
         default=0,
-        help="threads for independent operations at once; 0: TensorFlow's choice (%(default)s)",
+        help="threads for independent operations at once; 0: TensorFlow's choice; litert has none (%(default)s)",
     )
     parser.add_argument(
         "--rest_api_max_request_bytes",

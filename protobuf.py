@@ -1,11 +1,11 @@
 """TF Serving's protobuf messages and a numpy codec, without TensorFlow.
 
 `tensorflow-serving-api` imports all of TensorFlow (about 4 s and 1.5 GB) just to build a request, and
-`tensorflow-protobuf` replaces the real `tensorflow` package with its own. The gateway needs neither:
-it needs a handful of messages. This module declares them from descriptors with the same full names
-and field numbers as TensorFlow's `.proto` files, so the bytes on the wire are the same (the tests
-parse ours with the official classes and the reverse). Only the fields the gateway uses are declared;
-fields it does not know are kept as unknown fields, which protobuf carries through untouched.
+`tensorflow-protobuf` replaces the real `tensorflow` package with its own. The gateway and model_server.py need
+neither: they need a handful of messages. This module declares them from descriptors with the same full names,
+field numbers, enums and oneofs as TensorFlow's `.proto` files, so the bytes on the wire and the REST API's JSON are
+the same (the tests parse ours with the official classes and the reverse). Only the fields the gateway and the
+server use are declared; fields they do not know are kept as unknown fields, which protobuf carries through untouched.
 
 The messages live in a private descriptor pool, so this module can share a process with the real
 TensorFlow (the tests do) without a clash in the default pool.
@@ -55,9 +55,24 @@ _TYPED_FIELD = {
     DT_STRING: "string_val",
 }
 
-# google.rpc-style state of a model version (tensorflow_serving/apis/get_model_status.proto).
+# Every DataType of tensorflow/core/framework/types.proto up to DT_UINT64, by number: the names errors and JSON show.
+# fmt: off
+_DATA_TYPE_NAMES = [
+    "DT_INVALID", "DT_FLOAT", "DT_DOUBLE", "DT_INT32", "DT_UINT8", "DT_INT16", "DT_INT8", "DT_STRING", "DT_COMPLEX64",
+    "DT_INT64", "DT_BOOL", "DT_QINT8", "DT_QUINT8", "DT_QINT32", "DT_BFLOAT16", "DT_QINT16", "DT_QUINT16", "DT_UINT16",
+    "DT_COMPLEX128", "DT_HALF", "DT_RESOURCE", "DT_VARIANT", "DT_UINT32", "DT_UINT64",
+]
+# tensorflow/core/protobuf/error_codes.proto (the numbers are gRPC's status codes).
+_ERROR_CODE_NAMES = [
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+]
+# fmt: on
+
+# The state of a model version (tensorflow_serving/apis/get_model_status.proto).
 MODEL_STATE_NAMES = {0: "UNKNOWN", 10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
-AVAILABLE = 30
+START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
 
 # gRPC method paths, as TF Serving registers them.
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
@@ -66,8 +81,17 @@ STATUS_METHOD = "/tensorflow.serving.ModelService/GetModelStatus"
 SIGNATURE_DEF_MAP_TYPE_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
 
 
-def _field(name, number, kind, type_name=None, repeated=False, packed=False):
+def _enum(parent, name, values):
+    """Add an enum of {number: name} to a file or a message."""
+    enum = parent.enum_type.add(name=name)
+    enum.value.extend(descriptor_pb2.EnumValueDescriptorProto(name=n, number=v) for v, n in values.items())
+    return enum
+
+
+def _field(name, number, kind, type_name=None, repeated=False, packed=False, oneof=None):
     field = _F(name=name, number=number, type=kind, label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL)
+    if oneof is not None:  # the index of the message's oneof this field belongs to
+        field.oneof_index = oneof
     if type_name:
         field.type_name = type_name
     if packed:
@@ -75,9 +99,11 @@ def _field(name, number, kind, type_name=None, repeated=False, packed=False):
     return field
 
 
-def _message(file, name, fields, maps=()):
-    """Add a message to `file`; `maps` are (field name, number, value type name) for map<string, V>."""
+def _message(file, name, fields, maps=(), oneofs=()):
+    """Add a message to `file`; `maps` are (field name, number, value type name) for map<string, V>; `oneofs` names
+    the message's oneofs, which fields join by index."""
     message = file.message_type.add(name=name)
+    message.oneof_decl.extend(descriptor_pb2.OneofDescriptorProto(name=oneof) for oneof in oneofs)
     message.field.extend(fields)
     for field_name, number, value_type in maps:
         entry_name = "".join(part.capitalize() for part in field_name.split("_")) + "Entry"
@@ -98,6 +124,7 @@ def _build_pool():
         well_known.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
     pool.Add(_framework_file())
+    pool.Add(_error_codes_file())
     pool.Add(_serving_file())
     return pool
 
@@ -106,6 +133,7 @@ def _framework_file() -> descriptor_pb2.FileDescriptorProto:
     """TensorFlow's messages the API carries: tensors, their shapes, and signatures."""
     framework = descriptor_pb2.FileDescriptorProto(name="clothing/tensorflow_framework.proto", package="tensorflow")
     framework.syntax = "proto3"
+    _enum(framework, "DataType", dict(enumerate(_DATA_TYPE_NAMES)))
     shape = _message(framework, "TensorShapeProto", [_field("unknown_rank", 3, _F.TYPE_BOOL)])
     dim = shape.nested_type.add(name="Dim")
     dim.field.extend([_field("size", 1, _F.TYPE_INT64), _field("name", 2, _F.TYPE_STRING)])
@@ -114,7 +142,7 @@ def _framework_file() -> descriptor_pb2.FileDescriptorProto:
         framework,
         "TensorProto",
         [
-            _field("dtype", 1, _F.TYPE_INT32),
+            _field("dtype", 1, _F.TYPE_ENUM, ".tensorflow.DataType"),
             _field("tensor_shape", 2, _F.TYPE_MESSAGE, ".tensorflow.TensorShapeProto"),
             _field("version_number", 3, _F.TYPE_INT32),
             _field("tensor_content", 4, _F.TYPE_BYTES),
@@ -134,10 +162,11 @@ def _framework_file() -> descriptor_pb2.FileDescriptorProto:
         framework,
         "TensorInfo",
         [
-            _field("name", 1, _F.TYPE_STRING),
-            _field("dtype", 2, _F.TYPE_INT32),
+            _field("name", 1, _F.TYPE_STRING, oneof=0),
+            _field("dtype", 2, _F.TYPE_ENUM, ".tensorflow.DataType"),
             _field("tensor_shape", 3, _F.TYPE_MESSAGE, ".tensorflow.TensorShapeProto"),
         ],
+        oneofs=["encoding"],
     )
     _message(
         framework,
@@ -148,6 +177,16 @@ def _framework_file() -> descriptor_pb2.FileDescriptorProto:
     return framework
 
 
+def _error_codes_file() -> descriptor_pb2.FileDescriptorProto:
+    """tensorflow.error.Code, the type of a version's error code in GetModelStatus (shown by name in REST)."""
+    errors = descriptor_pb2.FileDescriptorProto(
+        name="clothing/tensorflow_error_codes.proto", package="tensorflow.error"
+    )
+    errors.syntax = "proto3"
+    _enum(errors, "Code", dict(enumerate(_ERROR_CODE_NAMES)))
+    return errors
+
+
 def _serving_file() -> descriptor_pb2.FileDescriptorProto:
     """TF Serving's PredictionService and ModelService messages, as far as the gateway and the server use them."""
     serving = descriptor_pb2.FileDescriptorProto(
@@ -155,17 +194,23 @@ def _serving_file() -> descriptor_pb2.FileDescriptorProto:
     )
     serving.syntax = "proto3"
     serving.dependency.extend(
-        ["google/protobuf/any.proto", "google/protobuf/wrappers.proto", "clothing/tensorflow_framework.proto"]
+        [
+            "google/protobuf/any.proto",
+            "google/protobuf/wrappers.proto",
+            "clothing/tensorflow_framework.proto",
+            "clothing/tensorflow_error_codes.proto",
+        ]
     )
     _message(
         serving,
         "ModelSpec",
         [
             _field("name", 1, _F.TYPE_STRING),
-            _field("version", 2, _F.TYPE_MESSAGE, ".google.protobuf.Int64Value"),
+            _field("version", 2, _F.TYPE_MESSAGE, ".google.protobuf.Int64Value", oneof=0),
             _field("signature_name", 3, _F.TYPE_STRING),
-            _field("version_label", 4, _F.TYPE_STRING),
+            _field("version_label", 4, _F.TYPE_STRING, oneof=0),
         ],
+        oneofs=["version_choice"],
     )
     _message(
         serving,
@@ -200,17 +245,18 @@ def _serving_file() -> descriptor_pb2.FileDescriptorProto:
     _message(
         serving,
         "StatusProto",
-        [_field("error_code", 1, _F.TYPE_INT32), _field("error_message", 2, _F.TYPE_STRING)],
+        [_field("error_code", 1, _F.TYPE_ENUM, ".tensorflow.error.Code"), _field("error_message", 2, _F.TYPE_STRING)],
     )
-    _message(
+    status = _message(
         serving,
         "ModelVersionStatus",
         [
             _field("version", 1, _F.TYPE_INT64),
-            _field("state", 2, _F.TYPE_INT32),
+            _field("state", 2, _F.TYPE_ENUM, ".tensorflow.serving.ModelVersionStatus.State"),
             _field("status", 3, _F.TYPE_MESSAGE, ".tensorflow.serving.StatusProto"),
         ],
     )
+    _enum(status, "State", MODEL_STATE_NAMES)
     _message(
         serving,
         "GetModelStatusRequest",
@@ -245,6 +291,31 @@ GetModelStatusRequest = _message_class("tensorflow.serving.GetModelStatusRequest
 GetModelStatusResponse = _message_class("tensorflow.serving.GetModelStatusResponse")
 ModelVersionStatus = _message_class("tensorflow.serving.ModelVersionStatus")
 StatusProto = _message_class("tensorflow.serving.StatusProto")
+
+
+def dtype_name(data_type: int) -> str:
+    """DT_FLOAT for 1: TensorFlow's name of a DataType value, as TF Serving's errors spell it."""
+    if 0 <= data_type < len(_DATA_TYPE_NAMES):
+        return _DATA_TYPE_NAMES[data_type]
+    return f"dtype {data_type}"
+
+
+def data_type_of(dtype) -> int:
+    """The TensorFlow DataType value of a numpy dtype (strings: DT_STRING); ValueError names the ones supported."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "SUO":
+        return DT_STRING
+    try:
+        return _DATA_TYPES[dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype]
+    except KeyError:
+        raise ValueError(
+            f"no TensorFlow DataType for {dtype}; use one of {sorted(str(d) for d in _DATA_TYPES)} or strings"
+        ) from None
+
+
+def typed_field(data_type: int) -> str | None:
+    """The TensorProto field that holds values of this DataType when tensor_content does not (None: no such field)."""
+    return _TYPED_FIELD.get(data_type)
 
 
 def dtype_of(data_type: int) -> np.dtype:

@@ -163,11 +163,12 @@ EOF
 
 ci_kubernetes() {
   if ! timeout 10 docker info >/dev/null 2>&1 || ! ci_can_apt; then
-    ci_say "no Docker engine, or no root with apt: no Kubernetes cluster, the cluster tests will skip"
-    return 0
+    ci_lacks "no Docker engine, or no root with apt: no Kubernetes cluster, the cluster tests will skip"
+    return
   fi
   local started=$SECONDS
-  ci_apt_install gcc libc6-dev iptables conntrack dnsmasq-base
+  # socat: the kubelet's dockershim forwards ports with it (`kubectl port-forward`, as notebook 06 uses it).
+  ci_apt_install gcc libc6-dev iptables conntrack dnsmasq-base socat
   ci_k8s_binaries
   ci_k8s_pause_image
   # The node's address, and Docker's bridge: the pods' network, whose address on this machine serves their DNS.

@@ -1,4 +1,4 @@
-"""Benchmark model_server.py against calling the same SavedModel in-process.
+"""Benchmark model_server.py, on TensorFlow and on LiteRT, against calling the same SavedModel in-process.
 
     make bench-model-server                    # the full run, a few minutes on 2 cores
     python bench/bench_model_server.py --quick # a smoke run of every step, with tiny counts
@@ -17,7 +17,11 @@ sends them:
   - throughput: 1, 4, 8 and 16 concurrent clients, without and with --enable_batching (the compose
     model tier's dockerfiles/batching.config unless --batching-config says otherwise), against the
     in-process call on batches of 1 and of 8 images; uint8 requests (the gateway's wire) at 8 clients; and the
-    CPU a request costs the bare server and its clients at 8 clients, the floor under batching.
+    CPU a request costs the bare server and its clients at 8 clients, the floor under batching;
+  - TensorFlow or LiteRT: model_server.py --runtime=litert (model.tflite, notebook 01 writes it beside the
+    SavedModel) takes every latency and throughput measurement beside the TensorFlow server, in the same
+    alternation; LiteRT in-process on batches of 1 and 8; each runtime's time from start to ready as a process, and
+    each model-server image's size and time from `docker run` to ready where it is built (--images).
 Writes bench/model_server.md and bench/model_server.json. It measures, it does not test: the targets
 are reported as met or not met, and nothing fails on them.
 """
@@ -45,6 +49,7 @@ import grpc
 import numpy as np
 import psutil
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 from common import (
     BENCH,
     OUTPUT,
@@ -57,6 +62,7 @@ from common import (
     target,
     targets_table,
 )
+from runtimes import image_facts, litert_targets, process_ready_seconds, runtimes_section
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -64,16 +70,22 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+import protobuf
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 from gateway import scale  # Xception's scaling, as the gateway does it
 from servers import CHANNEL_OPTIONS, free_port, running_model_server, terminate
 from serving.batching import parse_batching_parameters
-from serving.predict import array_to_tensor_proto
-from serving.versions import ServedVersion
+from serving.runtime_tensorflow import TensorFlowVersion
+from serving.tensors import array_to_tensor_proto
 
 CLIENTS = (1, 4, 8, 16)
-# The servers every latency call goes to, in turn: ours, and the bare floor in both of grpcio's server kinds.
-SERVERS = ("model_server", "bare_sync", "bare_asyncio")
+# The servers every latency call goes to, in turn: ours on TensorFlow and on LiteRT, and the bare floor in both of
+# grpcio's server kinds.
+SERVERS = ("model_server", "litert_server", "bare_sync", "bare_asyncio")
+# model_server.py's setups in the throughput measurements: TensorFlow and LiteRT, each without and with batching.
+OURS = ("plain", "batched", "litert", "litert_batched")
+# The model-server images whose size and start --images measures by default: the Makefile's tags.
+IMAGES = "zoomcamp-10-model-server:xception-v4-001,zoomcamp-10-model-server-litert:xception-v4-001"
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,7 @@ def where_the_time_goes(in_process, direct, request: predict_pb2.PredictRequest,
     data = request.SerializeToString()
     steps = {
         "client: encode the request": request.SerializeToString,
-        "server: parse the request": lambda: predict_pb2.PredictRequest.FromString(data),
+        "server: parse the request": lambda: protobuf.PredictRequest.FromString(data),
         "server: tensor_content to numpy": lambda: np.frombuffer(
             parsed.inputs[INPUT_NAME].tensor_content, np.float32
         ).reshape(1, 299, 299, 3),
@@ -205,7 +217,7 @@ def where_the_time_goes(in_process, direct, request: predict_pb2.PredictRequest,
     logits = in_process(array)
 
     def answer() -> bytes:
-        response = predict_pb2.PredictResponse()
+        response = protobuf.PredictResponse()
         response.model_spec.name = MODEL_NAME
         array_to_tensor_proto(logits, response.outputs[OUTPUT_NAME])
         return response.SerializeToString()
@@ -303,8 +315,14 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
     loaded = tf.saved_model.load(str(base / "1"))
     function, pixel_function = loaded.signatures[SIGNATURE_NAME], loaded.signatures[UINT8_SIGNATURE_NAME]
     # The model as model_server.py calls it (the direct call of each signature's graph, serving/versions.py).
-    served = ServedVersion(1, base / "1")
+    served = TensorFlowVersion(1, base / "1")
     served.warm_up()
+    # LiteRT in-process, as model_server.py --runtime=litert calls it (serving/runtime_litert.py).
+    interpreter = Interpreter(model_path=str(base / "1" / "model.tflite"), num_threads=os.cpu_count())
+    litert_runner = interpreter.get_signature_runner(SIGNATURE_NAME)
+
+    def litert_in_process(X):
+        return litert_runner(**{INPUT_NAME: X})[OUTPUT_NAME]
 
     def in_process(X):
         return function(**{INPUT_NAME: X})[OUTPUT_NAME].numpy()
@@ -331,9 +349,13 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
     batching = {"enable_batching": True, "batching_parameters_file": batching_config}
     # The servers run side by side (an idle one costs nothing) so that their measurements can alternate: the
     # load of the machine drifts, and alternating spreads the drift over all of them.
+    log(f"{title}: time from start to ready, TensorFlow then LiteRT")
+    result["ready_s"] = {runtime: process_ready_seconds(base, runtime) for runtime in ("tensorflow", "litert")}
     with (
         running_model_server(base, rest_api_port=0) as plain,
         running_model_server(base, rest_api_port=0, **batching) as batched,
+        running_model_server(base, runtime="litert", rest_api_port=0) as litert,
+        running_model_server(base, runtime="litert", rest_api_port=0, **batching) as litert_batched,
         running_bare_server("sync", hold_ms) as bare_sync,
         running_bare_server("asyncio", hold_ms) as bare_asyncio,
         running_bare_server("sync") as bare,
@@ -344,13 +366,23 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
         result["max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
         answer = stub.Predict(pixels, timeout=300).outputs[OUTPUT_NAME].float_val
         result["uint8_max_abs_difference"] = float(np.abs(np.array(answer) - in_process(X).ravel()).max())
+        litert_channel = litert.channel()
+        litert_stub = prediction_service_pb2_grpc.PredictionServiceStub(litert_channel)
+        result["litert_max_abs_difference"] = {
+            wire: float(
+                np.abs(
+                    np.array(litert_stub.Predict(r, timeout=300).outputs[OUTPUT_NAME].float_val) - in_process(X).ravel()
+                ).max()
+            )
+            for wire, r in (("float32", request), ("uint8", pixels))
+        }
         log(f"{title}: latency, {plan.latency_calls} interleaved calls of each path and server")
         paths = {
             "float32": (in_process, direct, request, X),
             "uint8": (in_process_pixels, direct_pixels, pixels, P),
         }
         with contextlib.ExitStack() as channels:
-            stubs = {"model_server": stub}
+            stubs = {"model_server": stub, "litert_server": litert_stub}
             for name, server in (("bare_sync", bare_sync), ("bare_asyncio", bare_asyncio)):
                 bare_channel = channels.enter_context(grpc.insecure_channel(server.grpc_target, CHANNEL_OPTIONS))
                 stubs[name] = prediction_service_pb2_grpc.PredictionServiceStub(bare_channel)
@@ -358,16 +390,18 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
         result["steps_ms"] = where_the_time_goes(in_process, direct, request, plan.latency_calls)
         result["floor_ms"] = floors(channel, X, plan.latency_calls)
 
-        windows = {name: Window() for name in ("batch1", "batch8", "batch8_uint8")}
-        windows.update({(name, c): Window() for name in ("plain", "batched") for c in CLIENTS})
-        windows.update({(name, "uint8"): Window() for name in ("plain", "batched", "bare")})
+        windows = {name: Window() for name in ("batch1", "batch8", "batch8_uint8", "litert_batch1", "litert_batch8")}
+        windows.update({(name, c): Window() for name in OURS for c in CLIENTS})
+        windows.update({(name, "uint8"): Window() for name in (*OURS, "bare")})
         windows["bare", "float32"] = Window()
         for round_ in range(plan.rounds):
             log(f"{title}: throughput, round {round_ + 1} of {plan.rounds}")
             measure_in_process(in_process, X, plan.window_seconds, windows["batch1"])
             measure_in_process(in_process, X8, plan.window_seconds, windows["batch8"])
             measure_in_process(in_process_pixels, P8, plan.window_seconds, windows["batch8_uint8"])
-            servers = (("plain", plain), ("batched", batched))
+            measure_in_process(litert_in_process, X, plan.window_seconds, windows["litert_batch1"])
+            measure_in_process(litert_in_process, X8, plan.window_seconds, windows["litert_batch8"])
+            servers = tuple(zip(OURS, (plain, batched, litert, litert_batched), strict=True))
             for clients in CLIENTS:
                 for name, server in servers if round_ % 2 == 0 else reversed(servers):
                     measure_throughput(server, request, clients, plan.window_seconds, windows[name, clients])
@@ -375,14 +409,17 @@ def bench_model(key: str, plan: Plan, batching_config: Path, work: Path, log) ->
             for name, server in (*servers, ("bare", bare)):
                 measure_throughput(server, pixels, 8, plan.window_seconds, windows[name, "uint8"])
             measure_throughput(bare, request, 8, plan.window_seconds, windows["bare", "float32"])
-    windows["plain", "float32"], windows["batched", "float32"] = windows["plain", 8], windows["batched", 8]
-    for name in ("batch1", "batch8", "batch8_uint8"):
+        litert_channel.close()
+    for name in OURS:
+        windows[name, "float32"] = windows[name, 8]
+    for name in ("batch1", "batch8", "batch8_uint8", "litert_batch1", "litert_batch8"):
         result[f"in_process_{name}"] = windows[name].summary()
     result["without_batching"] = [{"clients": c, **windows["plain", c].summary()} for c in CLIENTS]
     result["with_batching"] = [{"clients": c, **windows["batched", c].summary()} for c in CLIENTS]
+    result["litert_without_batching"] = [{"clients": c, **windows["litert", c].summary()} for c in CLIENTS]
+    result["litert_with_batching"] = [{"clients": c, **windows["litert_batched", c].summary()} for c in CLIENTS]
     result["at_8_clients"] = {
-        wire: {name: windows[name, wire].summary() for name in ("plain", "batched", "bare")}
-        for wire in ("float32", "uint8")
+        wire: {name: windows[name, wire].summary() for name in (*OURS, "bare")} for wire in ("float32", "uint8")
     }
     return result
 
@@ -422,9 +459,9 @@ def batching_ceiling(r: dict, wire: str, cores: int) -> dict:
     return {"bare_cpu_ms": bare, "images_per_s": ceiling, "ratio": ceiling / batch8["per_s"]}
 
 
-def evaluate(results: dict) -> list[dict]:
-    """The issue's targets, as measured / required (common.target)."""
-    targets = []
+def evaluate(results: dict, images: list[dict]) -> list[dict]:
+    """The issues' targets, as measured / required (common.target)."""
+    targets = litert_targets(results, images)
     if "xception" in results:
         latency = results["xception"]["latency"]["float32"]
         ratio = latency["model_server"]["p50"] / latency["public"]["p50"]
@@ -614,6 +651,7 @@ def markdown(report: dict) -> str:
         "(the bare server at 8 clients). The ceiling is the cores divided by that sum: the throughput batching "
         "would reach if model_server.py's own work cost nothing.",
         "",
+        *runtimes_section(report),
         "## Targets",
         "",
         targets_table(report["targets"]),
@@ -627,6 +665,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="standin,xception", help="comma-separated: standin, xception")
     parser.add_argument("--batching-config", type=Path, default=ROOT / "dockerfiles" / "batching.config")
     parser.add_argument("--output-dir", type=Path, default=OUTPUT)
+    parser.add_argument(
+        "--images",
+        default=IMAGES,
+        help="comma-separated model-server images to size and start (built by `make build MODEL_SERVER=local` and "
+        "`MODEL_SERVER=litert`); empty: none (%(default)s)",
+    )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -649,9 +693,11 @@ def main(argv=None) -> int:
     report["batching_parameters"] = str(parse_batching_parameters(args.batching_config.read_text()))
     with tempfile.TemporaryDirectory(prefix="bench-model-server-") as work:
         report["results"] = {k: bench_model(k, PLANS[mode][k], args.batching_config, Path(work), log) for k in keys}
+    log(f"images: size and time to ready of {args.images or 'none'}")
+    report["images"] = [image_facts(image) for image in filter(None, args.images.split(","))]
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["duration_s"] = time.monotonic() - started
-    report["targets"] = evaluate(report["results"])
+    report["targets"] = evaluate(report["results"], report["images"])
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "model_server.json").write_text(json.dumps(report, indent=2) + "\n")

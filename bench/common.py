@@ -169,7 +169,8 @@ def convert_with_notebook_01(work: Path, saver: str) -> Path:
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "01-convert-model.ipynb"),
         str(work / "01-convert-model.ipynb"),
-        parameters={"model_h5": str(h5), "output_base": str(base), "version": 1},
+        # LiteRT's parity with TensorFlow on 8 photos: the notebook's check, not a measurement here.
+        parameters={"model_h5": str(h5), "output_base": str(base), "version": 1, "photo_count": 8},
         cwd=str(ROOT),
         progress_bar=False,
     )

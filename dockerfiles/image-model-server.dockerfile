@@ -37,7 +37,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
     MODEL_NAME=clothing-model MODEL_BASE_PATH=/models
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY model_server.py contract.py ./
+COPY model_server.py contract.py protobuf.py ./
 COPY serving/ ./serving/
 COPY --from=builder /staging/clothing-model/${MODEL_VERSION} /models/clothing-model/1
 COPY --from=builder /staging/batching.config /etc/tf-serving/batching.config

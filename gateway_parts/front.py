@@ -35,6 +35,16 @@ class _ClientGone(Exception):
     """The client closed the connection before its request was whole."""
 
 
+# Where the front tells Flask when a request arrived and when it was let in (time.perf_counter()).
+ARRIVED, ADMITTED = "gateway.arrived", "gateway.admitted"
+
+
+def admission_times(environ: dict, default: float) -> tuple[float, float]:
+    """When the request reached the front, and when the front let it through to Flask; without the front (Flask's
+    test client, or another server), both are `default`: the request waited nowhere."""
+    return environ.get(ARRIVED, default), environ.get(ADMITTED, default)
+
+
 class Front:
     """The gateway's ASGI app, around the Flask `app` (made by gateway.create_app, which holds its settings).
     Waiting requests keep their bodies in memory, at most 2 x GATEWAY_MAX_REQUEST_BYTES of them per process; past
@@ -109,7 +119,7 @@ class Front:
         granted = await self.admission.enter(arrived, sum(map(len, body)))
         if granted is None:
             return await self.refusals.answer(arrived, rid)
-        extra = {"gateway.arrived": arrived, "gateway.admitted": granted}
+        extra = {ARRIVED: arrived, ADMITTED: granted}
         try:
             return await self._call_flask(self._predict, scope, body, rid, extra)
         finally:

@@ -12,12 +12,6 @@ from safe_fetch import FetchPolicy
 # MODEL_SIGNATURE; "float32" always sends the course's tensor; "uint8" requires the pixel signature.
 WIRES = ("auto", "float32", "uint8")
 
-# Settings of earlier versions, with what took their place: set, they would silently do nothing.
-REPLACED_SETTINGS = {
-    "GATEWAY_MAX_WAITING": "the queue is bounded by time now; set GATEWAY_QUEUE_BUDGET (seconds) instead",
-    "GATEWAY_QUEUE_TIMEOUT": "set GATEWAY_QUEUE_BUDGET (seconds a request may wait, from its arrival) instead",
-    "GATEWAY_THREADS": "waiting requests hold no thread now; GATEWAY_MAX_INFLIGHT threads per worker do the work",
-}
 _OFF = ("0", "false", "no", "off")
 
 
@@ -57,9 +51,6 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
-        for old, new in REPLACED_SETTINGS.items():
-            if environ.get(old):
-                raise ValueError(f"{old} is no longer read: {new}")
         wire = (environ.get("GATEWAY_WIRE") or cls.wire).lower()
         if wire not in WIRES:
             raise ValueError(f"GATEWAY_WIRE={environ['GATEWAY_WIRE']!r}: choose one of {', '.join(WIRES)}")

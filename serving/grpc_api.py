@@ -1,20 +1,27 @@
-"""TF Serving's gRPC API: PredictionService (Predict, GetModelMetadata) and ModelService (GetModelStatus)."""
+"""TF Serving's gRPC API: PredictionService (Predict, GetModelMetadata) and ModelService (GetModelStatus).
+
+The methods are registered by their full names with grpcio's generic handlers, and their messages are protobuf.py's:
+the same bytes as TF Serving's, without tensorflow-serving-api (which imports all of TensorFlow). A method not here,
+such as ModelService's HandleReloadConfigRequest, is answered UNIMPLEMENTED by grpcio, as by TF Serving's stubs."""
 
 from __future__ import annotations
 
 import logging
 
 import grpc
-from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
+import protobuf
 from contract import SIGNATURE_NAME
 from serving.errors import Code, ServingError
-from serving.predict import Predictor, array_to_tensor_proto, tensor_proto_to_array
+from serving.predict import Predictor
+from serving.tensors import array_to_tensor_proto, tensor_proto_to_array
 from serving.versions import ModelManager, model_metadata, version_of
 
 log = logging.getLogger("model_server")
 
-SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+SERVICE_NAMES = (PREDICTION_SERVICE, MODEL_SERVICE)
 
 
 def _answer(context: grpc.ServicerContext, handler):
@@ -29,7 +36,7 @@ def _answer(context: grpc.ServicerContext, handler):
     context.abort(error.code, error.message)
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionService:
     def __init__(self, models: ModelManager, predictor: Predictor):
         self.models = models
         self.predictor = predictor
@@ -48,7 +55,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             aliases = self.predictor.output_aliases(signature, request.output_filter)
             inputs = {a: tensor_proto_to_array(a, p, signature.inputs[a]) for a, p in request.inputs.items()}
             outputs = self.predictor.run(served, signature, inputs, aliases)
-            response = predict_pb2.PredictResponse()
+            response = protobuf.PredictResponse()
             response.model_spec.name = spec.name
             response.model_spec.version.value = served.version
             response.model_spec.signature_name = signature_name
@@ -60,7 +67,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return _answer(context, lambda: model_metadata(self.models, request))
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService:
     def __init__(self, models: ModelManager):
         self.models = models
 
@@ -71,3 +78,34 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             return self.models.status(request.model_spec.name, version_of(request.model_spec))
 
         return _answer(context, status)
+
+
+def _unary(method, request_class, response_class) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        method, request_deserializer=request_class.FromString, response_serializer=response_class.SerializeToString
+    )
+
+
+def handlers(models: ModelManager, predictor: Predictor) -> list[grpc.GenericRpcHandler]:
+    """Both services, for grpc.Server.add_generic_rpc_handlers."""
+    prediction = PredictionService(models, predictor)
+    status = ModelService(models)
+    return [
+        grpc.method_handlers_generic_handler(
+            PREDICTION_SERVICE,
+            {
+                "Predict": _unary(prediction.Predict, protobuf.PredictRequest, protobuf.PredictResponse),
+                "GetModelMetadata": _unary(
+                    prediction.GetModelMetadata, protobuf.GetModelMetadataRequest, protobuf.GetModelMetadataResponse
+                ),
+            },
+        ),
+        grpc.method_handlers_generic_handler(
+            MODEL_SERVICE,
+            {
+                "GetModelStatus": _unary(
+                    status.GetModelStatus, protobuf.GetModelStatusRequest, protobuf.GetModelStatusResponse
+                )
+            },
+        ),
+    ]

@@ -1,5 +1,5 @@
-"""A Predict request, whichever API brought it: admitted, checked against its signature, run (through the
-batcher when there is one), and its tensors converted to and from TensorProto."""
+"""A Predict request, whichever API brought it: admitted, checked against its signature, and run (through the
+batcher when there is one). Its tensors' conversions to and from TensorProto are serving/tensors.py's."""
 
 from __future__ import annotations
 
@@ -7,30 +7,11 @@ import contextlib
 import threading
 
 import numpy as np
-import tensorflow as tf
 
 from serving.batching import Batcher
 from serving.errors import Code, ServingError
-from serving.versions import ServedVersion, Signature, dtype_name, shape_text
-
-# Where TensorProto keeps the values of each dtype when it does not use tensor_content; TF Serving
-# answers in these fields, and clients such as the course notebook read `float_val`.
-VALUE_FIELDS = {
-    tf.float32: "float_val",
-    tf.float64: "double_val",
-    tf.int32: "int_val",
-    tf.int16: "int_val",
-    tf.int8: "int_val",
-    tf.uint8: "int_val",
-    tf.uint16: "int_val",
-    tf.int64: "int64_val",
-    tf.uint32: "uint32_val",
-    tf.uint64: "uint64_val",
-    tf.bool: "bool_val",
-    tf.string: "string_val",
-    tf.float16: "half_val",
-    tf.bfloat16: "half_val",
-}
+from serving.tensors import Signature
+from serving.versions import ServedVersion
 
 
 class Predictor:
@@ -103,10 +84,9 @@ class Predictor:
     ) -> dict[str, np.ndarray]:
         for alias, value in inputs.items():
             spec = signature.inputs[alias]
-            if not spec.shape.is_compatible_with(value.shape):
+            if not spec.accepts(value.shape):
                 raise ServingError(
-                    Code.INVALID_ARGUMENT,
-                    f"{alias}: expected shape {shape_text(spec.shape)} but got {list(value.shape)}",
+                    Code.INVALID_ARGUMENT, f"{alias}: expected shape {spec.shape_text()} but got {list(value.shape)}"
                 )
         rows = {v.shape[0] if v.ndim else None for v in inputs.values()}
         if self.batcher is not None and len(rows) == 1 and None not in rows:
@@ -115,42 +95,3 @@ class Predictor:
         else:
             outputs = served.run(signature, inputs)
         return {alias: outputs[alias] for alias in aliases}
-
-
-def tensor_proto_to_array(alias: str, proto, spec: tf.TensorSpec) -> np.ndarray:
-    if proto.dtype != spec.dtype.as_datatype_enum:
-        raise ServingError(
-            Code.INVALID_ARGUMENT,
-            f"{alias}: expected {dtype_name(spec.dtype.as_datatype_enum)} but got {dtype_name(proto.dtype)}",
-        )
-    shape = [d.size for d in proto.tensor_shape.dim]
-    content = proto.tensor_content  # each access copies the bytes: read them once
-    if content and spec.dtype != tf.string and not proto.tensor_shape.unknown_rank:
-        # The usual encoding (tf.make_tensor_proto): use the bytes as they are, without another copy.
-        dtype = np.dtype(spec.dtype.as_numpy_dtype)
-        if min(shape, default=0) < 0 or len(content) != dtype.itemsize * int(np.prod(shape)):
-            raise ServingError(
-                Code.INVALID_ARGUMENT,
-                f"tensor parsing error: {alias} ({len(content)} bytes of tensor_content "
-                f"do not make a {dtype.name} tensor of shape {shape})",
-            )
-        return np.frombuffer(content, dtype).reshape(shape)
-    try:
-        return tf.make_ndarray(proto)
-    except Exception as e:
-        raise ServingError(Code.INVALID_ARGUMENT, f"tensor parsing error: {alias} ({e})") from e
-
-
-def array_to_tensor_proto(value: np.ndarray, proto) -> None:
-    """Fill `proto` the way TF Serving answers: shape plus the typed value field."""
-    dtype = tf.as_dtype(value.dtype)
-    name = VALUE_FIELDS.get(dtype)
-    if name is None:  # complex and other rare dtypes: TF's own encoding
-        proto.CopyFrom(tf.make_tensor_proto(value))
-        return
-    proto.dtype = dtype.as_datatype_enum
-    proto.tensor_shape.dim.extend(proto.tensor_shape.Dim(size=d) for d in value.shape)
-    flat = value.ravel()
-    if name == "half_val":  # half_val holds the 16-bit patterns
-        flat = flat.view(np.uint16)
-    getattr(proto, name).extend(flat.tolist())

@@ -9,16 +9,16 @@ import re
 import threading
 
 import numpy as np
-import tensorflow as tf
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
+import protobuf
 from contract import SIGNATURE_NAME
 from serving.errors import HTTP_STATUS, Code, ServingError
 from serving.predict import Predictor
-from serving.versions import SIGNATURE_DEF_FIELD, ModelManager, Signature, model_metadata
+from serving.tensors import Signature, TensorSpec
+from serving.versions import SIGNATURE_DEF_FIELD, ModelManager, model_metadata
 
 log = logging.getLogger("model_server")
 
@@ -28,15 +28,15 @@ _PREDICT_PATH = re.compile(
 _STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?", re.I)
 
 
-def _from_json(alias: str, value, spec: tf.TensorSpec) -> np.ndarray:
-    if spec.dtype == tf.string:
+def _from_json(alias: str, value, spec: TensorSpec) -> np.ndarray:
+    if spec.dtype == protobuf.DT_STRING:
         value = _decode_binary(value)
         return np.array(value, dtype=object)
     try:
-        return np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
+        return np.asarray(value, dtype=spec.numpy_dtype)
     except (TypeError, ValueError) as e:
         raise ServingError(
-            Code.INVALID_ARGUMENT, f"{alias}: cannot read the JSON value as {spec.dtype.name}: {e}"
+            Code.INVALID_ARGUMENT, f"{alias}: cannot read the JSON value as {spec.dtype_name}: {e}"
         ) from e
 
 
@@ -62,6 +62,13 @@ def _to_json(alias: str, value: np.ndarray):
         return item.decode("utf-8", "replace")
 
     return encode(value.tolist())
+
+
+def _as_dict(message) -> dict:
+    """A message as TF Serving's REST API shows it: proto field names, enums by name, every field."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 class RestApi:
@@ -126,29 +133,23 @@ class RestApi:
                 return self._metadata(name, version, label or "")
             if label:
                 raise ServingError(Code.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}")
-            response = self.models.status(name, version)
-            return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
+            return _as_dict(self.models.status(name, version))
         if path.lower().startswith("/v1/"):
             raise ServingError(Code.INVALID_ARGUMENT, f"Malformed request: {request.method} {path}")
         raise ServingError(Code.NOT_FOUND, f"Not found: {request.method} {path} (the API is under /v1/models)")
 
     def _metadata(self, name: str, version: int | None, label: str) -> dict:
-        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[SIGNATURE_DEF_FIELD])
+        request = protobuf.GetModelMetadataRequest(metadata_field=[SIGNATURE_DEF_FIELD])
         request.model_spec.name = name
         if version is not None:
             request.model_spec.version.value = version
-        request.model_spec.version_label = label
+        if label:  # version and version_label are one oneof: setting the label, even empty, drops the version
+            request.model_spec.version_label = label
         response = model_metadata(self.models, request)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures = protobuf.SignatureDefMap()
         response.metadata[SIGNATURE_DEF_FIELD].Unpack(signatures)
-
-        # Like TF Serving, the Any is shown as the SignatureDefMap it holds, with proto field names.
-        def as_dict(message):
-            return json_format.MessageToDict(
-                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-
-        return {"model_spec": as_dict(response.model_spec), "metadata": {SIGNATURE_DEF_FIELD: as_dict(signatures)}}
+        # Like TF Serving, the Any is shown as the SignatureDefMap it holds.
+        return {"model_spec": _as_dict(response.model_spec), "metadata": {SIGNATURE_DEF_FIELD: _as_dict(signatures)}}
 
     def _predict(self, name: str, version: int | None, label: str, body: bytes) -> dict:
         try:

@@ -1,5 +1,6 @@
-"""The model: numbered SavedModel versions on disk, loaded, swapped when a new one appears, and held by the
-requests that use them (TF Serving's servable manager, for one model)."""
+"""The model: numbered versions on disk, loaded by the runtime, swapped when a new one appears, and held by the
+requests that use them (TF Serving's servable manager, for one model). No TensorFlow here: the runtime
+(serving/runtime_tensorflow.py or serving/runtime_litert.py) loads and runs a version."""
 
 from __future__ import annotations
 
@@ -7,142 +8,50 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
-from serving.errors import GRPC_CODE_BY_NUMBER, Code, ServingError
+import protobuf
+from serving.errors import Code, ServingError
+from serving.tensors import Signature
 
 log = logging.getLogger("model_server")
 
 SIGNATURE_DEF_FIELD = "signature_def"  # the one GetModelMetadata field TF Serving knows
-State = get_model_status_pb2.ModelVersionStatus.State
 
 
-def shape_text(shape) -> str:
-    if shape.rank is None:
-        return "[?]"
-    return "[" + ",".join("-1" if d is None else str(d) for d in shape.as_list()) + "]"
-
-
-def dtype_name(enum: int) -> str:
-    try:
-        return types_pb2.DataType.Name(enum)
-    except ValueError:
-        return f"dtype {enum}"
-
-
-@dataclass(frozen=True)
-class Signature:
-    name: str
-    function: object  # the loaded ConcreteFunction
-    inputs: dict[str, tf.TensorSpec]
-    outputs: dict[str, tf.TensorSpec]
-    direct: object = None  # one tensor -> one tensor, the graph under `function` (see _direct_call); None: not used
-
-    def describe(self) -> str:
-        def specs(tensors):
-            return ", ".join(f"{k} {s.dtype.name}{shape_text(s.shape)}" for k, s in tensors.items())
-
-        return f"signature {self.name}: {specs(self.inputs)} -> {specs(self.outputs)}"
-
-
-def _read_meta_graph(version_dir: Path) -> meta_graph_pb2.MetaGraphDef:
-    """The serving MetaGraphDef, whose signature_def map is what GetModelMetadata returns."""
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
-    graphs = list(saved_model.meta_graphs)
-    if not graphs:
-        raise ValueError(f"{version_dir / 'saved_model.pb'} holds no MetaGraphDef")
-    return next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
-
-
-def _direct_call(function):
-    """The graph under a one-input, one-output signature as a call of one tensor, or None where TensorFlow does not
-    expose it.
-
-    A loaded signature's public call binds its keyword arguments to the structured signature and looks up every
-    captured variable again on each call: Python work that does not depend on the request (bench/bench_model_server.py
-    measures what it costs). Underneath is one
-    graph function that takes the input tensor and the captured handles, which do not change while the version is
-    loaded. That is private TensorFlow API, so ServedVersion.warm_up uses it only after it has given the same
-    answer as the public call; a signature with several inputs or outputs always takes the public call, where the
-    order of flat tensors would be a guess."""
-    graph = getattr(function, "_inference_function", None)
-    if graph is None or not hasattr(graph, "call_flat"):
-        return None
-    captured = list(function.captured_inputs)
-
-    def call(tensor):
-        (output,) = graph.call_flat(tensor, *captured)
-        return output
-
-    return call
+def zero_inputs(signature: Signature) -> dict[str, np.ndarray]:
+    """A request of one row of zeros (empty strings) for the signature: what a warm-up call sends."""
+    inputs = {}
+    for alias, spec in signature.inputs.items():
+        shape = [] if spec.shape is None else [1 if d is None else d for d in spec.shape]
+        inputs[alias] = np.full(shape, b"" if spec.dtype == protobuf.DT_STRING else 0, spec.numpy_dtype)
+    return inputs
 
 
 class ServedVersion:
-    """One loaded version. Requests hold it while they use it, so it is unloaded only once idle."""
+    """One loaded version. Requests hold it while they use it, so it is unloaded only once idle. A runtime fills in
+    `signatures` and `signature_defs` (what GetModelMetadata shows) and runs them."""
 
     def __init__(self, version: int, path: Path):
         self.version = version
         self.path = path
-        self.signature_defs = _read_meta_graph(path).signature_def
-        self._loaded = tf.saved_model.load(str(path))
-        self.signatures = {}
-        for name, function in self._loaded.signatures.items():
-            _, inputs = function.structured_input_signature
-            self.signatures[name] = Signature(name, function, dict(inputs), dict(function.structured_outputs))
+        self.signatures: dict[str, Signature] = {}
+        self.signature_defs: dict[str, protobuf.SignatureDef] = {}
         self._in_flight = 0
         self._idle = threading.Condition()
 
     def run(self, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            if signature.direct is not None:
-                ((value,), (alias,)) = inputs.values(), signature.outputs
-                return {alias: signature.direct(tf.convert_to_tensor(value)).numpy()}
-            outputs = signature.function(**{alias: tf.convert_to_tensor(v) for alias, v in inputs.items()})
-        except tf.errors.OpError as e:
-            raise ServingError(GRPC_CODE_BY_NUMBER.get(e.error_code, Code.INTERNAL), e.message) from e
-        return {alias: tensor.numpy() for alias, tensor in outputs.items()}
+        """The signature's outputs for these inputs (already checked against it); ServingError for the client."""
+        raise NotImplementedError
 
     def warm_up(self) -> None:
-        """One call of each signature before taking traffic, so that no first client pays for tracing and
-        allocation, whichever signature it asks for (the gateway sends uint8 pixels to a second one). A
-        one-input, one-output signature then switches to the direct call of its graph if that gives the same
-        answer (_direct_call)."""
-        for name, signature in list(self.signatures.items()):
-            inputs = {}
-            for alias, spec in signature.inputs.items():
-                shape = [] if spec.shape.rank is None else [1 if d is None else d for d in spec.shape.as_list()]
-                inputs[alias] = np.full(shape, b"" if spec.dtype == tf.string else 0, spec.dtype.as_numpy_dtype)
-            expected = self.run(signature, inputs)
-            if len(signature.inputs) == 1 and len(signature.outputs) == 1:
-                self.signatures[name] = self._with_direct_call(signature, inputs, expected)
-
-    def _with_direct_call(self, signature: Signature, inputs: dict, expected: dict) -> Signature:
-        call = _direct_call(signature.function)
-        if call is None:
-            log.info("%s: TensorFlow exposes no direct call of its graph; using the public call", signature.name)
-            return signature
-        candidate = replace(signature, direct=call)
-        try:
-            answer = self.run(candidate, inputs)
-        except Exception as e:  # whatever the failure, the public call stays
-            log.warning("%s: the direct call failed (%s); using the public call", signature.name, e)
-            return signature
-        ((got,), (want,)) = answer.values(), expected.values()
-        same = got.shape == want.shape and (
-            np.array_equal(got, want) if want.dtype == object else np.allclose(got, want, equal_nan=True)
-        )
-        if not same:
-            log.warning("%s: the direct call answered differently; using the public call", signature.name)
-            return signature
-        return candidate
+        """One call of each signature before taking traffic, so that no first client pays for it (the gateway sends
+        uint8 pixels to a second signature)."""
+        for signature in list(self.signatures.values()):
+            self.run(signature, zero_inputs(signature))
 
     def hold(self) -> None:
         with self._idle:
@@ -159,6 +68,15 @@ class ServedVersion:
             self._idle.wait_for(lambda: not self._in_flight)
 
 
+class Runtime(Protocol):
+    """What runs the model: TensorFlow (a SavedModel) or LiteRT (a .tflite file), each in a module of its own."""
+
+    name: str
+    model_file: str  # the file a version folder holds, e.g. saved_model.pb: loaded only once it is there
+
+    def load(self, version: int, path: Path) -> ServedVersion: ...
+
+
 def _files_of(directory: Path) -> tuple:
     """Names, sizes and modification times of every file under `directory`: changes while it is written."""
     files = []
@@ -173,8 +91,9 @@ def _files_of(directory: Path) -> tuple:
 class ModelManager:
     """Serves the highest integer version under the base path and follows it as new ones appear."""
 
-    def __init__(self, name: str, base_path: Path, poll_seconds: float, on_available=None):
+    def __init__(self, name: str, base_path: Path, runtime: Runtime, poll_seconds: float, on_available=None):
         self.name = name
+        self.runtime = runtime
         self.base_path = base_path
         self.poll_seconds = poll_seconds
         self._on_available = on_available or (lambda: None)
@@ -210,8 +129,8 @@ class ModelManager:
         if served is not None and served.version == target:
             return
         path = self.base_path / str(target)
-        if not (path / "saved_model.pb").is_file():
-            log.debug("Version %d has no saved_model.pb yet: still being written?", target)
+        if not (path / self.runtime.model_file).is_file():
+            log.debug("Version %d has no %s yet: still being written?", target, self.runtime.model_file)
             return
         # Taken before loading: files that change during a failed load still count as a change.
         files = _files_of(path)
@@ -220,14 +139,14 @@ class ModelManager:
             log.debug("Version %d failed to load and its files have not changed: not tried again", target)
             return
         with self._lock:
-            self._states[target] = (State.LOADING, "")
+            self._states[target] = (protobuf.LOADING, "")
         started = time.monotonic()
         try:
-            new = ServedVersion(target, path)
+            new = self.runtime.load(target, path)
         except Exception as e:  # half-written or broken: keep serving the old one, retry once files change
             error = f"{type(e).__name__}: {e}"
             with self._lock:
-                self._states[target] = (State.END, error)
+                self._states[target] = (protobuf.END, error)
             if error != last_error:
                 log.error("Could not load version %d from %s (retried when its files change): %s", target, path, error)
             self._failures[target] = (files, error)
@@ -239,14 +158,15 @@ class ModelManager:
             log.warning("Warm-up call on version %d failed (serving it anyway): %s", target, e)
         with self._lock:
             old, self._current = self._current, new
-            self._states[target] = (State.AVAILABLE, "")
+            self._states[target] = (protobuf.AVAILABLE, "")
             if old is not None:
-                self._states[old.version] = (State.UNLOADING, "")
+                self._states[old.version] = (protobuf.UNLOADING, "")
         log.info(
-            "Serving %s version %d from %s (%s) - loaded in %.1f s",
+            "Serving %s version %d from %s with %s (%s) - loaded in %.1f s",
             self.name,
             target,
             path,
+            self.runtime.name,
             "; ".join(s.describe() for s in new.signatures.values()) or "no signatures",
             time.monotonic() - started,
         )
@@ -254,7 +174,7 @@ class ModelManager:
         if old is not None:
             old.wait_idle()
             with self._lock:
-                self._states[old.version] = (State.END, "")
+                self._states[old.version] = (protobuf.END, "")
             log.info("Unloaded %s version %d", self.name, old.version)
 
     def start_polling(self) -> None:
@@ -294,7 +214,7 @@ class ModelManager:
         finally:
             served.release()
 
-    def status(self, name: str, version: int | None) -> get_model_status_pb2.GetModelStatusResponse:
+    def status(self, name: str, version: int | None) -> protobuf.GetModelStatusResponse:
         with self._lock:
             states = dict(self._states) if name == self.name else {}
         if version is not None:
@@ -303,7 +223,7 @@ class ModelManager:
             states = {version: states[version]}
         if not states:
             raise ServingError(Code.NOT_FOUND, f"Could not find any versions of model {name}")
-        response = get_model_status_pb2.GetModelStatusResponse()
+        response = protobuf.GetModelStatusResponse()
         for v in sorted(states, reverse=True):  # newest first, as TF Serving lists them
             state, error = states[v]
             entry = response.model_version_status.add(version=v, state=state)
@@ -318,7 +238,7 @@ def version_of(model_spec) -> int | None:
     return model_spec.version.value if model_spec.HasField("version") else None
 
 
-def model_metadata(models: ModelManager, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
+def model_metadata(models: ModelManager, request) -> protobuf.GetModelMetadataResponse:
     if not request.metadata_field:
         raise ServingError(Code.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field")
     for name in request.metadata_field:
@@ -326,10 +246,10 @@ def model_metadata(models: ModelManager, request) -> get_model_metadata_pb2.GetM
             raise ServingError(Code.INVALID_ARGUMENT, f"Metadata field {name} is not supported")
     spec = request.model_spec
     with models.use(spec.name, version_of(spec), spec.version_label) as served:
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response = protobuf.GetModelMetadataResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = served.version
-        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures = protobuf.SignatureDefMap()
         for name, signature_def in served.signature_defs.items():
             signatures.signature_def[name].CopyFrom(signature_def)
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signatures)

@@ -18,7 +18,8 @@ CLUSTER = "ZOOMCAMP_REQUIRE_CLUSTER"  # a Kubernetes cluster that kubectl reache
 DATASET = "ZOOMCAMP_REQUIRE_DATASET"  # the clothing photos beside the repository (CLOTHING_DATASET)
 COURSE_MODEL = "ZOOMCAMP_REQUIRE_COURSE_MODEL"  # the course's model, downloadable or in models/
 TF_SERVING = "ZOOMCAMP_REQUIRE_TF_SERVING"  # the tensorflow/serving image, pullable
-SWITCHES = (DOCKER, ARM64, BROWSER, CLUSTER, DATASET, COURSE_MODEL, TF_SERVING)
+IPV6 = "ZOOMCAMP_REQUIRE_IPV6"  # an IPv6 loopback (::1)
+SWITCHES = (DOCKER, ARM64, BROWSER, CLUSTER, DATASET, COURSE_MODEL, TF_SERVING, IPV6)
 
 
 def required(switch: str) -> bool:

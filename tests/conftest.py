@@ -60,7 +60,7 @@ def converted(standin_h5, tmp_path_factory) -> SimpleNamespace:
         cwd=str(ROOT),
         progress_bar=False,
     )
-    return SimpleNamespace(base=base, version_dir=base / "1", notebook=executed, result=_result_of(executed))
+    return SimpleNamespace(base=base, version_dir=base / "1", notebook=executed, result=tagged_result(executed))
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +120,7 @@ def dataset() -> Path:
     return DATASET
 
 
-def _result_of(executed_notebook: Path) -> dict:
+def tagged_result(executed_notebook: Path):
     """The value of the cell tagged `result` in an executed notebook (its text/plain repr)."""
     import ast
 
@@ -128,3 +128,13 @@ def _result_of(executed_notebook: Path) -> dict:
     cell = next(c for c in cells if "result" in c.get("metadata", {}).get("tags", []))
     text = "".join(next(o for o in cell["outputs"] if o.get("output_type") == "execute_result")["data"]["text/plain"])
     return ast.literal_eval(text)
+
+
+def execute_notebook(notebook: Path, executed: Path, cwd: Path, **parameters) -> tuple[str, list[dict]]:
+    """A notebook run top to bottom by papermill in `cwd`: the text it showed, and its cells' outputs in order."""
+    import papermill
+
+    papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(cwd), progress_bar=False)
+    outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
+    texts = ["".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", "")) for o in outputs]
+    return "".join(texts), outputs

@@ -479,11 +479,21 @@ def photo_server():
 
 @pytest.fixture(scope="session")
 def reference(standin_keras):
-    """The in-process stand-in's logits for PHOTO, preprocessed as the gateway does."""
-    import gateway
+    """The in-process stand-in's logits for PHOTO, preprocessed by keras-image-helper as the course does: never by
+    the code under test, so that a regression in the gateway's preprocessing fails every test that compares."""
+    return standin_keras(course_batch(PHOTO), training=False).numpy()[0]
 
-    batch = gateway.preprocess(PHOTO, gateway.Settings())[None]
-    return standin_keras(batch, training=False).numpy()[0]
+
+def course_batch(photo: bytes):
+    """keras-image-helper's xception preprocessing of a photo: the course's batch of one, float32."""
+    import io
+
+    from keras_image_helper import create_preprocessor
+    from PIL import Image
+
+    from contract import IMAGE_SIZE
+
+    return create_preprocessor("xception", target_size=IMAGE_SIZE).convert_to_tensor(Image.open(io.BytesIO(photo)))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
         stub = PredictionServiceStub(server.channel())
 
 Keyword arguments become model_server.py flags (`file_system_poll_wait_seconds=0.2` ->
-`--file_system_poll_wait_seconds=0.2`); `rest_api_port=0` turns REST off.
+`--file_system_poll_wait_seconds=0.2`); `rest_api_port=0` turns REST off. With `runtime="litert"` the server runs
+where TensorFlow cannot be imported (tests/no_tensorflow.py), as in its image.
 
 FakeModelServer is TF Serving's API answering zeros, for tests of the gateway's side of the wire.
 """
@@ -34,6 +35,7 @@ import protobuf
 from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNTIMES = ("tensorflow", "litert")  # model_server.py --runtime, for tests that run on both
 # Room for a 32-image batch both ways, as the server allows.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
@@ -112,6 +114,8 @@ def _start(model_base: Path, log_path: Path, flags: dict) -> RunningModelServer:
     if "rest_api_port" not in flags:
         options["rest_api_port"] = free_port()
     command = [sys.executable, str(ROOT / "model_server.py")]
+    if options.get("runtime") == "litert":
+        command.insert(1, str(ROOT / "tests" / "no_tensorflow.py"))
     command += [_flag(name, value) for name, value in options.items() if value is not None]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     with open(log_path, "wb") as log:

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from test_pods import check_containers_run_as_declared, predict, start_pods, stop_pods
 
-import gateway
 import protobuf
 from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
 from engine import (
     PHOTO,
     architecture,
     arm64_python_base,
+    course_batch,
     image_size_mb,
     note,
     one_time_build,
@@ -114,7 +114,7 @@ def test_the_arm64_pods_start_and_pass_their_probes_as_declared(arm64_pods):
 
 
 def test_the_arm64_model_server_answers_the_course_client_as_the_amd64_one_does(arm64_pods, model_base):
-    batch = gateway.preprocess(PHOTO, gateway.Settings())[None]
+    batch = course_batch(PHOTO)
     with running_model_server(model_base, rest_api_port=0) as amd64:
         expected = course_predict(amd64.grpc_target, batch)
     started = time.monotonic()

@@ -18,7 +18,7 @@ from conftest import ROOT
 
 # (script, its quick-mode arguments, the report it writes)
 BENCHMARKS = [
-    ("bench_model_server.py", ["--quick", "--models", "standin"], "model_server"),
+    ("bench_model_server.py", ["--quick", "--models", "standin", "--images="], "model_server"),
     ("bench_gateway.py", ["--quick", "--skip-install-size"], "gateway"),
     ("bench_load.py", ["--quick"], "load"),
     ("bench_wire.py", ["--quick"], "wire"),

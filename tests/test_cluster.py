@@ -29,8 +29,9 @@ from test_pods import CPU_LIMITS, MEMORY_LIMITS, enforced_limits
 
 import capabilities
 import contract
-from conftest import ROOT
-from engine import PHOTO, Load, call, run, unique
+from conftest import ROOT, execute_notebook, tagged_result
+from engine import PHOTO, Load, call, host_address, run, unique
+from servers import free_port
 from test_k8s import GATEWAY, MODEL
 from test_k8s import KUBECTL as KUSTOMIZE_KUBECTL
 
@@ -215,6 +216,12 @@ def scale(namespace: str, deployment: str, replicas: int, drop_at_once: bool = F
         wait_for(lambda: len(pods(namespace, deployment)) == replicas, 120, f"only {replicas} {deployment} pods")
 
 
+def failed_attempts(namespace: str) -> int:
+    """How many times the scheduler has tried a namespace's pods and found no node (its FailedScheduling events)."""
+    events = kubectl_json("get", "events", "-n", namespace, "--field-selector", "reason=FailedScheduling")["items"]
+    return sum(event.get("count") or 1 for event in events)
+
+
 # ---- the tests ----------------------------------------------------------------------------------------------
 
 
@@ -317,8 +324,7 @@ def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer
     for status, headers, body in answers:
         assert status == 503 and body["error"]["code"] == "model_unavailable", body
         assert headers["Retry-After"] == "1"
-    back = wait_for(lambda: predict(deployed.url)[0] == 200, 120, "a 200 once the model tier is back")
-    assert back
+    wait_for(lambda: predict(deployed.url)[0] == 200, 120, "a 200 once the model tier is back")
 
 
 def test_the_disruption_budget_blocks_an_eviction_that_would_break_it(deployed):
@@ -380,7 +386,9 @@ def test_the_gpu_overlays_model_waits_for_a_gpu_and_schedules_once_the_node_has_
             return conditions.get("PodScheduled")
 
         pending = wait_for(scheduling, 60, "the scheduler's verdict")
-        time.sleep(5)  # the scheduler tries again on its own: it must still find no GPU
+        assert pending["status"] == "False" and "Insufficient nvidia.com/gpu" in pending["message"], pending
+        # The scheduler tries again on its own: after another attempt it must still find no GPU.
+        wait_for(lambda: failed_attempts(namespace) >= 2, 120, "the scheduler's second attempt")
         pending = scheduling()
         assert pending["status"] == "False" and "Insufficient nvidia.com/gpu" in pending["message"], pending
         gpu = "nvidia.com~1gpu"  # "/" in a JSON Pointer
@@ -534,3 +542,37 @@ def test_a_killed_model_pod_fails_at_most_the_calls_in_flight_on_it(deployed):
     print(f"killed model pod: {failures_report(outcomes, killed)}")
     assert len(failed) <= load.clients, failures_report(outcomes, killed)
     assert all(o.started < killed + 1 for o in failed), failures_report(outcomes, killed)
+
+
+def test_notebook_06_takes_the_courses_kubernetes_steps(cluster, gateway_image, model_server_image, photo_server,
+                                                        reference, tmp_path_factory):  # fmt: skip
+    """Notebook 06 top to bottom against this cluster, with the images the suite built: the minimal Deployments and
+    Services answer the course's client and the course's request as the in-process model does, then the production
+    overlay (arm64: our model server), with the manifests' own CPU requests, answers the same; and the namespace
+    is deleted."""
+    work = tmp_path_factory.mktemp("notebook-06")
+    (work / "photo.jpg").write_bytes(PHOTO)
+    namespace = unique("zoomcamp-10-nb06")
+    started = time.monotonic()
+    shown, _ = execute_notebook(
+        ROOT / "notebooks" / "06-kubernetes.ipynb",
+        work / "06.ipynb",
+        ROOT,
+        cluster="current",
+        kubectl=KUBECTL,
+        model_image=model_server_image,
+        gateway_image=gateway_image,
+        overlay="arm64",
+        namespace=namespace,
+        local_port=free_port(),
+        photo=str(work / "photo.jpg"),
+        photo_url=f"http://{host_address()}:{photo_server}/pants.jpg",
+        fetch_allow_hosts=host_address(),
+    )
+    print(f"notebook 06 ran in {time.monotonic() - started:.0f} s")
+    section_2 = tagged_result(work / "06.ipynb")
+    assert np.abs(np.array([section_2[c] for c in contract.CLASSES]) - reference).max() <= 1e-3  # rounded to 3 places
+    differences = [float(d) for d in re.findall(r"largest difference from section 2: (\S+)", shown)]
+    assert len(differences) == 1 and differences[0] <= 1e-4
+    assert f"production manifests: {contract.CLASSES[int(np.argmax(reference))]}" in shown
+    wait_for(lambda: namespace not in kubectl("get", "namespaces"), 300, "the notebook's namespace deleted", 2)

@@ -37,13 +37,32 @@ MODEL_DOCKERFILE = DOCKERFILES / "image-model.dockerfile"
 MODEL_GPU_DOCKERFILE = DOCKERFILES / "image-model-gpu.dockerfile"
 GATEWAY_DOCKERFILE = DOCKERFILES / "image-gateway.dockerfile"
 MODEL_SERVER_DOCKERFILE = DOCKERFILES / "image-model-server.dockerfile"
-# The images on a Python base: the gateway and our model server.
-PYTHON_DOCKERFILES = [GATEWAY_DOCKERFILE, MODEL_SERVER_DOCKERFILE]
+MODEL_SERVER_LITERT_DOCKERFILE = DOCKERFILES / "image-model-server-litert.dockerfile"
+# The images on a Python base: the gateway and our model server, on TensorFlow and on LiteRT.
+PYTHON_DOCKERFILES = [GATEWAY_DOCKERFILE, MODEL_SERVER_DOCKERFILE, MODEL_SERVER_LITERT_DOCKERFILE]
 COMPOSE = ROOT / "docker-compose.yaml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yaml"
 COMPOSE_MODEL_SERVER = ROOT / "docker-compose.model-server.yaml"
-# What the model-server image needs at run time: the command line, the contract and the serving package.
-MODEL_SERVER_FILES = {"model_server.py", "contract.py"} | {f"serving/{p.name}" for p in (ROOT / "serving").glob("*.py")}
+# What a model-server image needs at run time: the command line, the contract, the messages and the serving package
+# with its own runtime only (model_server.py imports the chosen one alone).
+RUNTIME_MODULES = {"tensorflow": "serving/runtime_tensorflow.py", "litert": "serving/runtime_litert.py"}
+_SERVER_FILES = {"model_server.py", "contract.py", "protobuf.py"} | {
+    f"serving/{p.name}" for p in (ROOT / "serving").glob("*.py")
+}
+MODEL_SERVER_FILES = _SERVER_FILES - {RUNTIME_MODULES["litert"]}
+MODEL_SERVER_LITERT_FILES = _SERVER_FILES - {RUNTIME_MODULES["tensorflow"]}
+# Each model-server image: its Dockerfile, its Pipfile section, the files it holds, the model file it serves, and
+# the runtime module it leaves out.
+MODEL_SERVERS = {
+    "tensorflow": (MODEL_SERVER_DOCKERFILE, "model-server", MODEL_SERVER_FILES, "saved_model.pb", "litert"),
+    "litert": (
+        MODEL_SERVER_LITERT_DOCKERFILE,
+        "model-server-litert",
+        MODEL_SERVER_LITERT_FILES,
+        "model.tflite",
+        "tensorflow",
+    ),
+}
 # What the gateway image needs at run time: the generated app, its parts and the modules they share with the rest.
 GATEWAY_FILES = {"gateway.py", "protobuf.py", "contract.py", "safe_fetch.py", "gunicorn.conf.py", "gateway.html"} | {
     f"gateway_parts/{p.name}" for p in (ROOT / "gateway_parts").glob("*") if p.suffix in (".py", ".json")
@@ -189,23 +208,34 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def runtime_dependencies(section: str, entry: str, files: set[str]) -> tuple[set[str], set[str]]:
+def runtime_dependencies(
+    section: str, entry: str, files: set[str], left_out: frozenset = frozenset()
+) -> tuple[set[str], set[str]]:
     """The repo files the module `entry` needs, transitively (a package's modules with their __init__.py), as paths
-    relative to the repository, and the third-party imports among those in `files`."""
+    relative to the repository, without the files `left_out` (an image's other runtime, which it never imports), and
+    the third-party imports among those in `files`."""
     needed, todo = set(), [f"{entry}.py"]
     while todo:
         path = todo.pop()
         needed.add(path)
-        todo.extend(local for local in repo_files_imported(ROOT / path) if local not in needed)
+        todo.extend(local for local in repo_files_imported(ROOT / path) if local not in needed | left_out)
     third_party, known = set(), local_names() | set(sys.stdlib_module_names) | {"__future__"}
     for path in needed & files:
         third_party |= imports_of(ROOT / path) - known
     return needed, third_party
 
 
-def copied_files(stage) -> set[str]:
+def excluded_files(dockerfile: Path) -> set[str]:
+    """The files its .dockerignore names one by one to leave out of a folder it lets in (no wildcards)."""
+    ignore = DOCKERFILES / f"{dockerfile.name}.dockerignore"
+    lines = [line.strip() for line in ignore.read_text().splitlines()] if ignore.is_file() else []
+    return {line for line in lines if line and line[0] not in "#!" and "*" not in line}
+
+
+def copied_files(stage, dockerfile: Path | None = None) -> set[str]:
     """The repository files a stage's COPY instructions put under its WORKDIR, each at its own path: the modules
-    beside each other, a package (a source ending in /) as a folder of its .py and .json files."""
+    beside each other, a package (a source ending in /) as a folder of its .py and .json files, less what the
+    Dockerfile's .dockerignore leaves out of it."""
     copied = set()
     for sources, destination in local_copies(stage):
         for source in sources:
@@ -215,7 +245,7 @@ def copied_files(stage) -> set[str]:
             else:
                 assert destination == "./"
                 copied.add(source)
-    return copied
+    return copied - (excluded_files(dockerfile) if dockerfile else set())
 
 
 def local_names() -> set[str]:
@@ -262,9 +292,15 @@ def existing_gateway_files() -> list[Path]:
 # ---- real validators --------------------------------------------------------------------------------
 
 
-def test_there_are_four_dockerfiles():
+def test_there_are_five_dockerfiles():
     assert sorted(DOCKERFILES.glob("*.dockerfile")) == sorted(
-        [MODEL_DOCKERFILE, MODEL_GPU_DOCKERFILE, MODEL_SERVER_DOCKERFILE, GATEWAY_DOCKERFILE]
+        [
+            MODEL_DOCKERFILE,
+            MODEL_GPU_DOCKERFILE,
+            MODEL_SERVER_DOCKERFILE,
+            MODEL_SERVER_LITERT_DOCKERFILE,
+            GATEWAY_DOCKERFILE,
+        ]
     )
 
 
@@ -365,55 +401,72 @@ def test_gpu_model_dockerfile_is_the_cpu_one_on_the_gpu_tag():
     assert gpu == cpu
 
 
-def test_model_server_image_has_tf_servings_contract():
+@pytest.mark.parametrize("runtime", MODEL_SERVERS)
+def test_model_server_image_has_tf_servings_contract(runtime):
     """The same contract as tensorflow/serving: MODEL_NAME, MODEL_BASE_PATH, /models/<name>/1, ports, non-root."""
-    stage = final_stage(MODEL_SERVER_DOCKERFILE)
+    dockerfile, _, files, model_file, _ = MODEL_SERVERS[runtime]
+    stage = final_stage(dockerfile)
     environment = env_of(stage)
     assert environment["MODEL_NAME"] == contract.MODEL_NAME
     assert environment["MODEL_BASE_PATH"] == "/models"
+    assert environment.get("MODEL_RUNTIME", "tensorflow") == runtime
     assert f"{environment['MODEL_BASE_PATH']}/{environment['MODEL_NAME']}/1" == MODEL_DIR_IN_IMAGE
-    assert MODEL_DIR_IN_IMAGE in [arguments.split()[-1] for arguments in args_of(stage, "COPY")]
+    destinations = [arguments.split()[-1] for arguments in args_of(stage, "COPY")]
+    assert MODEL_DIR_IN_IMAGE in destinations or f"{MODEL_DIR_IN_IMAGE}/{model_file}" in destinations
     # The batching switch of compose and the manifests points at the same path in both images.
     tf_serving_batching = [a.split()[-1] for a in args_of(final_stage(MODEL_DOCKERFILE), "COPY") if "batching" in a]
     assert tf_serving_batching == [a.split()[-1] for a in args_of(stage, "COPY") if "batching" in a]
-    assert exposed(MODEL_SERVER_DOCKERFILE) == {contract.GRPC_PORT, contract.REST_PORT}
+    assert exposed(dockerfile) == {contract.GRPC_PORT, contract.REST_PORT}
     (user,) = args_of(stage, "USER")
     assert user == args_of(final_stage(MODEL_DOCKERFILE), "USER")[0], "the same uid as the TF Serving image"
     # Arguments after the image name reach the server, as tensorflow/serving's entrypoint passes them on.
     (entrypoint,) = args_of(stage, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["python", "/app/model_server.py"]
     assert not args_of(stage, "CMD")
-    probe = " ".join(healthcheck_cmd(MODEL_SERVER_DOCKERFILE))
+    probe = " ".join(healthcheck_cmd(dockerfile))
     assert f"127.0.0.1:{contract.REST_PORT}/v1/models/" in probe and "AVAILABLE" in probe
-    assert copied_files(stage) == MODEL_SERVER_FILES
+    assert copied_files(stage, dockerfile) == files
     assert args_of(stage, "WORKDIR") == ["/app"]
 
 
-def test_model_server_image_installs_its_own_lock_section():
-    builder = stages(MODEL_SERVER_DOCKERFILE)[0]
+@pytest.mark.parametrize("runtime", MODEL_SERVERS)
+def test_model_server_image_installs_its_own_lock_section(runtime):
+    dockerfile, section, _, _, _ = MODEL_SERVERS[runtime]
+    builder = stages(dockerfile)[0]
     (install,) = [run for run in args_of(builder, "RUN") if "pipenv requirements" in run]
-    assert "pipenv verify" in install and "--categories model-server" in install and "--require-hashes" in install
-    assert not any("pipenv" in arguments for _, arguments in final_stage(MODEL_SERVER_DOCKERFILE))
+    assert "pipenv verify" in install and f"--categories {section} " in install and "--require-hashes" in install
+    assert not any("pipenv" in arguments for _, arguments in final_stage(dockerfile))
     lock = json.loads((ROOT / "Pipfile.lock").read_text())
-    assert {"tensorflow", "tensorflow-serving-api", "grpcio-health-checking", "werkzeug"} <= set(lock["model-server"])
+    runtime_package = {"tensorflow": {"tensorflow", "tensorflow-serving-api"}, "litert": {"ai-edge-litert"}}[runtime]
+    assert runtime_package | {"grpcio-health-checking", "werkzeug"} <= set(lock[section])
 
 
-def test_model_server_imports_only_its_lock_section():
-    needed, third_party = runtime_dependencies("model-server", "model_server", MODEL_SERVER_FILES)
-    assert needed == MODEL_SERVER_FILES, f"the image lacks {sorted(needed - MODEL_SERVER_FILES)}"
-    section = set(json.loads((ROOT / "Pipfile.lock").read_text())["model-server"])
+def test_the_litert_image_installs_no_tensorflow():
+    """LiteRT's section resolves without TensorFlow, Keras or TF Serving's APIs: the image cannot hold them."""
+    section = json.loads((ROOT / "Pipfile.lock").read_text())["model-server-litert"]
+    assert not {name for name in section if name.startswith(("tensorflow", "keras", "tf-keras", "tf_keras"))}
+
+
+@pytest.mark.parametrize("runtime", MODEL_SERVERS)
+def test_model_server_imports_only_its_lock_section(runtime):
+    _, section_name, files, _, other = MODEL_SERVERS[runtime]
+    left_out = frozenset({RUNTIME_MODULES[other]})
+    needed, third_party = runtime_dependencies(section_name, "model_server", files, left_out)
+    assert needed == files, f"the image lacks {sorted(needed - files)}"
+    section = set(json.loads((ROOT / "Pipfile.lock").read_text())[section_name])
     distributions = packages_distributions()
     for name in third_party:
         provided = {re.sub(r"[-_.]+", "-", dist).lower() for dist in distributions.get(name, [])}
-        assert provided & section, f"model_server.py imports {name} ({provided or 'unknown'}), not in [model-server]"
+        assert provided & section, f"model_server.py imports {name} ({provided or 'unknown'}), not in [{section_name}]"
 
 
-def test_model_server_section_pins_the_development_versions():
+@pytest.mark.parametrize("section_name", ["model-server", "model-server-litert"])
+def test_model_server_section_pins_the_development_versions(section_name):
     """The tests run model_server.py in the development environment: with the versions its image installs."""
     lock = json.loads((ROOT / "Pipfile.lock").read_text())
     differ = {
         name: (spec["version"], lock["develop"].get(name, {}).get("version"))
-        for name, spec in lock["model-server"].items()
+        for name, spec in lock[section_name].items()
         if spec["version"] != lock["develop"].get(name, {}).get("version")
     }
     assert not differ
@@ -432,23 +485,36 @@ def test_model_build_context_holds_only_the_model_and_batching_config():
     assert sources == ["dockerfiles/batching.config", "model[s]"]
 
 
-def test_model_server_build_context_holds_only_what_the_image_copies():
+@pytest.mark.parametrize("runtime", MODEL_SERVERS)
+def test_model_server_build_context_holds_only_what_the_image_copies(runtime):
+    dockerfile, _, _, model_file, other = MODEL_SERVERS[runtime]
     rules = [
         line
-        for line in (DOCKERFILES / f"{MODEL_SERVER_DOCKERFILE.name}.dockerignore").read_text().splitlines()
+        for line in (DOCKERFILES / f"{dockerfile.name}.dockerignore").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     assert rules[0] == "*"
     allowed = {rule.removeprefix("!").rstrip("/") for rule in rules[1:] if rule.startswith("!")}
-    copied = {source for copy, _ in local_copies(stages(MODEL_SERVER_DOCKERFILE)[0]) for source in copy}
-    copied |= {source.rstrip("/") for copy, _ in local_copies(final_stage(MODEL_SERVER_DOCKERFILE)) for source in copy}
-    assert allowed == (copied - {"model[s]"}) | {contract.MODEL_BASE_PATH}
+    copied = {source for copy, _ in local_copies(stages(dockerfile)[0]) for source in copy}
+    copied |= {source.rstrip("/") for copy, _ in local_copies(final_stage(dockerfile)) for source in copy}
+    models = {rule for rule in allowed if rule.startswith(contract.MODEL_BASE_PATH)}
+    assert allowed - models == copied - {"model[s]"}
+    # The model's versions, with only what this runtime reads where the context can leave the rest out.
+    assert models in ({contract.MODEL_BASE_PATH}, {f"{contract.MODEL_BASE_PATH}/*/{model_file}"})
+    assert RUNTIME_MODULES[other] in rules, "the other runtime stays out of the image"
     assert "**/__pycache__" in rules, "bytecode caches of the package stay out of the image"
 
 
-@pytest.mark.parametrize("dockerfile", [MODEL_DOCKERFILE, MODEL_SERVER_DOCKERFILE], ids=lambda p: p.name)
-def test_model_image_refuses_to_build_without_a_saved_model(dockerfile):
+@pytest.mark.parametrize("runtime", MODEL_SERVERS)
+def test_model_server_image_refuses_to_build_without_its_model_file(runtime):
+    dockerfile, _, _, model_file, _ = MODEL_SERVERS[runtime]
     check = " ".join(args_of(stages(dockerfile)[0], "RUN"))
+    assert f"/staging/{contract.MODEL_NAME}/${{MODEL_VERSION}}/{model_file}" in check
+    assert "run \\`make model\\` first" in check and "exit 1" in check
+
+
+def test_model_image_refuses_to_build_without_a_saved_model():
+    check = " ".join(args_of(stages(MODEL_DOCKERFILE)[0], "RUN"))
     assert f"/staging/{contract.MODEL_NAME}/${{MODEL_VERSION}}/saved_model.pb" in check
     assert "run \\`make model\\` first" in check and "exit 1" in check
 
@@ -478,8 +544,11 @@ def test_make_build_builds_the_chosen_model_server_on_the_chosen_base():
     assert "-f dockerfiles/image-model-server.dockerfile" in local[0]
     assert f"-t {variables['MODEL_SERVER_IMAGE']}" in local[0]
     assert all("--build-arg PYTHON_IMAGE=base:1" in line and "--pull" in line for line in local)
+    litert = builds("MODEL_SERVER=litert", "PLATFORM=linux/arm64")
+    assert "-f dockerfiles/image-model-server-litert.dockerfile" in litert[0] and "--platform linux/arm64" in litert[0]
+    assert f"-t {variables['MODEL_SERVER_LITERT_IMAGE']}" in litert[0]
     wrong = subprocess.run(["make", "-n", "build", "MODEL_SERVER=tfs"], capture_output=True, text=True, cwd=ROOT)
-    assert wrong.returncode != 0 and "use tf-serving (the default) or local" in wrong.stderr
+    assert wrong.returncode != 0 and "use tf-serving (the default), local or litert" in wrong.stderr
     arm64 = builds("MODEL_SERVER=local", "PLATFORM=linux/arm64")
     assert len(arm64) == 2 and all(line.startswith("docker build --platform linux/arm64 ") for line in arm64)
     # tensorflow/serving has no arm64 image: make says so instead of failing on a pull.

@@ -428,14 +428,6 @@ def test_a_batch_of_urls_is_fetched_in_parallel_within_one_deadline(fake):
         server.shutdown()
 
 
-def test_replaced_settings_are_refused_with_what_to_set_instead():
-    for name in ("GATEWAY_MAX_WAITING", "GATEWAY_QUEUE_TIMEOUT"):
-        with pytest.raises(ValueError, match="GATEWAY_QUEUE_BUDGET"):
-            gateway.Settings.from_env({name: "1"})
-    with pytest.raises(ValueError, match="GATEWAY_THREADS.*GATEWAY_MAX_INFLIGHT"):
-        gateway.Settings.from_env({"GATEWAY_THREADS": "64"})
-
-
 def test_a_model_tier_found_down_fails_fast_until_the_reconnect_window_passes():
     from servers import free_port
 

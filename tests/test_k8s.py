@@ -36,7 +36,7 @@ from test_containers import (
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
 K8S = ROOT / "k8s"
-OVERLAYS = ("kind", "arm64", "gpu", "eks")
+OVERLAYS = ("kind", "arm64", "litert", "gpu", "eks")
 GPU_OVERLAYS = {"gpu", "eks"}
 TARGETS = {"base": K8S / "base", **{name: K8S / "overlays" / name for name in OVERLAYS}}
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
@@ -44,8 +44,9 @@ GPU = "nvidia.com/gpu"
 # How long a kubeadm cluster's CoreDNS may answer with a pod that is gone (its Corefile: `ttl 30`, `cache 30`).
 COREDNS_CACHE_SECONDS = 30
 MODEL, GATEWAY = "clothing-model", "gateway"
-# Overlays whose model runs our model-server image (k8s/components/model-server) instead of tensorflow/serving.
-MODEL_SERVER_OVERLAYS = {"arm64"}
+# Overlays whose model runs one of our model-server images (k8s/components/model-server, model-server-litert) instead of
+# tensorflow/serving.
+MODEL_SERVER_OVERLAYS = {"arm64", "litert"}
 # GPUs per instance type of the eksctl node groups (AWS's published figures).
 GPUS_PER_INSTANCE = {"g4dn.xlarge": 1, "g4dn.2xlarge": 1, "g5.xlarge": 1, "g4dn.12xlarge": 4}
 
@@ -323,7 +324,17 @@ def test_arm64_overlay_is_kind_with_our_model_server_image():
     assert variables["MODEL_SERVER_IMAGE"] in arm64
 
 
-@pytest.mark.parametrize("target", ["kind", "arm64"])
+def test_litert_overlay_is_kind_with_our_litert_model_server_image():
+    """The component changes the model's image and nothing else: same probes, flags, user, limits."""
+    variables = makefile_variables()
+    litert = yaml.safe_dump(list(render("litert")))
+    assert litert.replace(variables["MODEL_SERVER_LITERT_IMAGE"], variables["MODEL_IMAGE"]) == yaml.safe_dump(
+        list(render("kind"))
+    )
+    assert container("litert", MODEL)["image"] == variables["MODEL_SERVER_LITERT_IMAGE"]
+
+
+@pytest.mark.parametrize("target", ["kind", "arm64", "litert"])
 def test_kind_overlays_use_the_loaded_images_and_the_mapped_node_port(target):
     for _, _, item in all_containers(target):
         assert item["imagePullPolicy"] == "IfNotPresent"

@@ -1,5 +1,6 @@
 """model_server.py against TF Serving's clients: the course's gRPC path, REST, metadata, status, health,
-errors, hot reload, batching and graceful shutdown. Hermetic: the stand-in model, servers on loopback."""
+errors, hot reload, batching and graceful shutdown, on both runtimes (TensorFlow, and LiteRT where TensorFlow cannot
+be imported), each answering as the SavedModel does in process. Hermetic: the stand-in model, servers on loopback."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+import litert_model
 import model_server
 from contract import GRPC_PORT, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, REST_PORT, SIGNATURE_NAME
-from servers import ROOT, running_model_server
+from servers import ROOT, RUNTIMES, running_model_server
 from serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from serving.errors import ServingError
 from serving.predict import Predictor
@@ -72,9 +74,14 @@ def reference(model_base):
     return load_reference(model_base / "1")
 
 
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(model_base):
-    with running_model_server(model_base) as running:
+def server(model_base, runtime):
+    with running_model_server(model_base, runtime=runtime) as running:
         yield running
 
 
@@ -430,12 +437,25 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_new_version_is_served_without_a_failed_request(model_base, reference, tmp_path):
+def half_written(runtime: str, staged) -> list[tuple[str, bytes]]:
+    """Two broken states of version 2, (file, its bytes), each a failed load with its own error: a truncated model
+    file, then the SavedModel's graph without its variables, or a .tflite file of the full size, its header followed
+    by zeros."""
+    if runtime == "litert":
+        model = (staged / litert_model.MODEL_FILE).read_bytes()
+        zeros = model[:8] + bytes(len(model) - 8)
+        return [(litert_model.MODEL_FILE, model[: len(model) // 2]), (litert_model.MODEL_FILE, zeros)]
+    graph = (staged / "saved_model.pb").read_bytes()
+    return [("saved_model.pb", graph[: len(graph) // 2]), ("saved_model.pb", graph)]
+
+
+def test_new_version_is_served_without_a_failed_request(model_base, reference, runtime, tmp_path):
     base = tmp_path / MODEL_NAME
     shutil.copytree(model_base / "1", base / "1")
     staged = tmp_path / "staged"
     other = OtherModel()
     tf.saved_model.save(other, str(staged), signatures={SIGNATURE_NAME: other.serve})
+    litert_model.write_model({SIGNATURE_NAME: other.serve}, other, staged)
     reference_2 = load_reference(staged)
     X = images(1, seed=11)
     expected = {1: reference(X), 2: reference_2(X)}
@@ -457,25 +477,24 @@ def test_new_version_is_served_without_a_failed_request(model_base, reference, t
             seen.append(version)
 
     # Debug: the server says each time a poll finds the failed version unchanged.
-    polled = running_model_server(base, file_system_poll_wait_seconds=0.2, log_level="debug")
+    polled = running_model_server(base, runtime=runtime, file_system_poll_wait_seconds=0.2, log_level="debug")
     with polled as server, server.channel() as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         threads = [threading.Thread(target=hammer, args=(seen, stub)) for seen in answers]
         for thread in threads:
             thread.start()
         try:
-            # Half-written: a truncated saved_model.pb, then the graph without its variables.
             (base / "2").mkdir()
-            graph = (staged / "saved_model.pb").read_bytes()
-            (base / "2" / "saved_model.pb").write_bytes(graph[: len(graph) // 2])
+            (first_name, first), (second_name, second) = half_written(runtime, staged)
+            (base / "2" / first_name).write_bytes(first)
             wait_for(lambda: "Could not load version 2" in server.log(), 30, "a first try at version 2")
             wait_for(lambda: server.log().count("files have not changed") >= 5, 30, "five more polls")
             assert status_of(channel).get(1) == AVAILABLE
             assert status_of(channel).get(2) != AVAILABLE
             assert server.log().count("Could not load version 2") == 1  # logged once, not once a poll
-            (base / "2" / "saved_model.pb").write_bytes(graph)
+            (base / "2" / second_name).write_bytes(second)
             wait_for(
-                lambda: server.log().count("Could not load version 2") == 2, 30, "a try with the variables missing"
+                lambda: server.log().count("Could not load version 2") == 2, 30, "a try at the second broken state"
             )
             assert status_of(channel).get(2) != AVAILABLE
 
@@ -497,7 +516,7 @@ def test_new_version_is_served_without_a_failed_request(model_base, reference, t
 # ---- batching -------------------------------------------------------------------------------------------
 
 
-def test_batching_gives_each_caller_its_own_rows(model_base, reference, tmp_path):
+def test_batching_gives_each_caller_its_own_rows(model_base, reference, runtime, tmp_path):
     parameters = tmp_path / "batching.config"
     parameters.write_text(
         "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 50000 }\n"
@@ -508,7 +527,7 @@ def test_batching_gives_each_caller_its_own_rows(model_base, reference, tmp_path
     barrier = threading.Barrier(callers)
     with (
         running_model_server(
-            model_base, enable_batching=True, batching_parameters_file=parameters, log_level="debug"
+            model_base, runtime=runtime, enable_batching=True, batching_parameters_file=parameters, log_level="debug"
         ) as server,
         server.channel() as channel,
     ):
@@ -576,7 +595,7 @@ def test_a_full_server_refuses_at_once_with_unavailable():
         pass
 
 
-def test_past_its_limit_the_server_answers_unavailable_quickly_never_by_timing_out(model_base, reference):
+def test_past_its_limit_the_server_answers_unavailable_quickly_never_by_timing_out(model_base, reference, runtime):
     X = images(16, seed=3)
     start = threading.Barrier(8)
 
@@ -589,7 +608,7 @@ def test_past_its_limit_the_server_answers_unavailable_quickly_never_by_timing_o
             return error, time.monotonic() - began
 
     with (
-        running_model_server(model_base, max_concurrent_requests=1, rest_api_port=0) as server,
+        running_model_server(model_base, runtime=runtime, max_concurrent_requests=1, rest_api_port=0) as server,
         server.channel() as channel,
     ):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -619,7 +638,7 @@ def test_batching_parameters_file_format():
 # ---- graceful shutdown ------------------------------------------------------------------------------------
 
 
-def test_sigterm_lets_in_flight_requests_finish(model_base, reference, tmp_path):
+def test_sigterm_lets_in_flight_requests_finish(model_base, reference, runtime, tmp_path):
     # A batch that would wait a minute for more requests holds them inside the server; on SIGTERM the
     # server runs it at once, answers, and exits.
     parameters = tmp_path / "batching.config"
@@ -627,7 +646,7 @@ def test_sigterm_lets_in_flight_requests_finish(model_base, reference, tmp_path)
     count = 5
     with (
         running_model_server(
-            model_base, enable_batching=True, batching_parameters_file=parameters, log_level="debug"
+            model_base, runtime=runtime, enable_batching=True, batching_parameters_file=parameters, log_level="debug"
         ) as server,
         server.channel() as channel,
     ):
@@ -667,16 +686,23 @@ def test_flags_and_environment_as_tf_serving(monkeypatch):
         model_server.parse_args(["--grpc_channel_arguments=no-equals-sign"])
     args = model_server.parse_args(["--max_concurrent_requests=40"])
     assert args.grpc_max_threads == 40 + model_server.SPARE_GRPC_THREADS
+    assert model_server.parse_args([]).runtime == "tensorflow"  # TF Serving's own runtime stays the default
+    monkeypatch.setenv("MODEL_RUNTIME", "litert")
+    assert model_server.parse_args([]).runtime == "litert"
+    assert model_server.parse_args(["--runtime=tensorflow"]).runtime == "tensorflow"
+    with pytest.raises(SystemExit):
+        model_server.parse_args(["--runtime=onnx"])
 
 
 TF_THREADS = """
-import model_server, tensorflow as tf
+import tensorflow as tf
 from serving.errors import StartupError
-model_server.set_tensorflow_threads(1, 2)
+from serving.runtime_tensorflow import set_tensorflow_threads
+set_tensorflow_threads(1, 2)
 tf.constant(1.0) + 1  # TensorFlow runs: its thread pools are made now
 print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
 try:
-    model_server.set_tensorflow_threads(2, 0)
+    set_tensorflow_threads(2, 0)
 except StartupError as e:
     print(e)
 """
@@ -705,3 +731,37 @@ def test_the_server_runs_with_the_tensorflow_threads_its_flags_ask_for(model_bas
     with running_model_server(model_base, **flags) as server:
         log = server.log()
     assert "TensorFlow threads: 1 per operation, 2 for operations at once" in log, log[-2000:]
+
+
+def test_the_litert_server_runs_with_the_threads_its_flag_asks_for(model_base):
+    flags = {"runtime": "litert", "tensorflow_intra_op_parallelism": 1, "rest_api_port": 0}
+    with running_model_server(model_base, **flags) as server:
+        log = server.log()
+    assert "LiteRT threads: 1 per model call" in log and f"Serving {MODEL_NAME} version 1" in log, log[-2000:]
+    assert "with LiteRT" in log and "signature serving_uint8: input_8 uint8[-1,299,299,3]" in log, log[-2000:]
+
+
+def test_the_tensorflow_runtime_cannot_start_where_tensorflow_cannot_be_imported(model_base):
+    """tests/no_tensorflow.py blocks TensorFlow for real: the LiteRT runs above prove the server runs without it."""
+    command = [sys.executable, str(ROOT / "tests" / "no_tensorflow.py"), str(ROOT / "model_server.py")]
+    run = subprocess.run(
+        [*command, f"--model_base_path={model_base}", "--port=0", "--rest_api_port=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0 and "ModuleNotFoundError: import of tensorflow halted" in run.stderr, run.stderr[-2000:]
+
+
+def test_the_litert_server_says_what_a_base_path_should_hold(tmp_path):
+    command = [sys.executable, str(ROOT / "tests" / "no_tensorflow.py"), str(ROOT / "model_server.py")]
+    run = subprocess.run(
+        [*command, "--runtime=litert", f"--model_base_path={tmp_path / 'nowhere'}", "--port=0", "--rest_api_port=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "numbered versions for LiteRT (<base>/1/model.tflite)" in run.stderr, run.stderr[-2000:]

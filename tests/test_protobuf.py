@@ -204,6 +204,11 @@ def test_every_declared_field_matches_the_official_descriptor():
             assert field.is_repeated == other.is_repeated, f"{ours.full_name}.{field.name}"
             if field.message_type is not None:
                 assert field.message_type.full_name == other.message_type.full_name
+            if field.enum_type is not None:  # the same names for the same numbers, which REST's JSON shows
+                values = {v.number: v.name for v in field.enum_type.values}
+                assert values.items() <= {v.number: v.name for v in other.enum_type.values}.items()
+            oneof, other_oneof = field.containing_oneof, other.containing_oneof
+            assert (oneof and oneof.name) == (other_oneof and other_oneof.name), f"{ours.full_name}.{field.name}"
             checked += 1
     assert checked >= 40
 

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+import capabilities
 import safe_fetch
 from safe_fetch import (
     BlockedURL,
@@ -579,7 +580,7 @@ def test_fetches_over_ipv6_loopback():
     try:
         local = LocalServer(host="::1")
     except OSError as err:
-        pytest.skip(f"no IPv6 loopback here: {err}")
+        capabilities.unavailable(f"no IPv6 loopback here: {err}", capabilities.IPV6)
     try:
         local.routes["/img.png"] = serve(PNG)
         image = fetch_image(local.url("/img.png", host="[::1]"), FetchPolicy(allow_hosts=frozenset({"::1"})))

@@ -152,7 +152,7 @@ def _execute(notebook: str, executed, **parameters) -> list[dict]:
 def test_notebook_00_quick_mode_trains_and_notebook_01_converts_its_file_as_the_course_file(photo_folder, tmp_path):
     """The quick mode (`make test`): three photos per class and split, one epoch, every cell; its file in the
     course's format, its summary true to the file; then notebook 01 makes a SavedModel of it with both signatures."""
-    from conftest import _result_of
+    from conftest import tagged_result
 
     h5 = tmp_path / "trained" / "quick.h5"
     started = time.monotonic()
@@ -173,13 +173,13 @@ def test_notebook_00_quick_mode_trains_and_notebook_01_converts_its_file_as_the_
     assert summary["photos"] == {"train": 30, "validation": 30, "test": 30}
     assert summary["sha256"] == training.sha256_of(h5) and summary["bytes"] == h5.stat().st_size
     assert sum(map(sum, summary["test"]["confusion"])) == 30 == summary["test"]["photos"]
-    assert _result_of(tmp_path / "00.ipynb")["test"]["correct"] == summary["test"]["correct"]
+    assert tagged_result(tmp_path / "00.ipynb")["test"]["correct"] == summary["test"]["correct"]
 
     started = time.monotonic()
     base = tmp_path / "models" / "clothing-model"
     _execute("01-convert-model.ipynb", tmp_path / "01.ipynb", model_h5=str(h5), output_base=str(base), version=1)
     print(f"notebook 01 on its file: {time.monotonic() - started:.0f} s")
-    conversion = _result_of(tmp_path / "01.ipynb")
+    conversion = tagged_result(tmp_path / "01.ipynb")
     assert conversion["loaded_by"].startswith("tf-keras")  # Keras 3 refuses it as it refuses the course's file
     assert conversion["signatures"] == sorted([SIGNATURE_NAME, UINT8_SIGNATURE_NAME])
     assert conversion["signature"] == {"inputs": [INPUT_NAME], "outputs": [OUTPUT_NAME]}

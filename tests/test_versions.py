@@ -1,5 +1,5 @@
-"""serving/versions.py: a loaded version calls a one-input, one-output signature's graph directly, and only where
-that gives the public call's answer."""
+"""serving/runtime_tensorflow.py: a loaded version calls a one-input, one-output signature's graph directly, and only
+where that gives the public call's answer."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 import tensorflow as tf
 
 from contract import INPUT_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
-from serving import versions
+from serving import runtime_tensorflow
 
 
-def loaded(model_base) -> versions.ServedVersion:
-    version = versions.ServedVersion(1, model_base / "1")
+def loaded(model_base) -> runtime_tensorflow.TensorFlowVersion:
+    version = runtime_tensorflow.TensorFlowVersion(1, model_base / "1")
     version.warm_up()
     return version
 
 
 @pytest.fixture(scope="module")
-def served(model_base) -> versions.ServedVersion:
+def served(model_base) -> runtime_tensorflow.TensorFlowVersion:
     return loaded(model_base)
 
 
@@ -46,7 +46,7 @@ def test_a_direct_call_that_does_not_match_keeps_the_public_call(model_base, mon
 
         return call
 
-    monkeypatch.setattr(versions, "_direct_call", wrong)
+    monkeypatch.setattr(runtime_tensorflow, "_direct_call", wrong)
     with caplog.at_level(logging.WARNING, logger="model_server"):
         version = loaded(model_base)
     assert all(signature.direct is None for signature in version.signatures.values())

@@ -13,15 +13,16 @@ import gateway
 from conftest import DATASET, PANTS
 from contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME, UINT8_SIGNATURE_NAME
 from gateway_parts.signatures import Route
-from servers import running_model_server
+from servers import RUNTIMES, running_model_server
 from standin import export_float32_only
 
 FLOAT32_BYTES, UINT8_BYTES = 299 * 299 * 3 * 4, 299 * 299 * 3
 
 
-@pytest.fixture(scope="module")
-def model_server(model_base):
-    with running_model_server(model_base, rest_api_port=0) as server:
+@pytest.fixture(scope="module", params=RUNTIMES)
+def model_server(model_base, request):
+    """The model tier on each runtime: the gateway's tests run against both."""
+    with running_model_server(model_base, runtime=request.param, rest_api_port=0) as server:
         yield server
 
 
