@@ -56,6 +56,7 @@ class Report:
     photos: int
     correct: int  # served top class == the photo's folder
     largest_logit_difference: float  # served against in process, over every photo and class
+    largest_logit: float  # the largest magnitude in process, the scale of the difference above
 
     @property
     def accuracy(self) -> float:
@@ -81,6 +82,7 @@ def check_gateway(gateway_url: str, dataset: Path, per_class: int | None = None)
         photos=len(split),
         correct=int((served.argmax(1) == split.labels).sum()),
         largest_logit_difference=float(np.abs(served - expected).max()),
+        largest_logit=float(np.abs(expected).max()),
     )
     if per_class is None:
         reported = summary()["test"]
