@@ -452,6 +452,20 @@ def model_server_image(docker_engine, model_base, tmp_path_factory) -> str:
     return MODEL_SERVER_TEST_IMAGE
 
 
+# Our model-server image with the model trained here (notebook 00) baked in: real answers through the containers.
+TRAINED_MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test-trained"
+
+
+@pytest.fixture(scope="session")
+def trained_model_server_image(docker_engine, trained_model_base, tmp_path_factory) -> str:
+    """Our model-server image with the model trained here, as notebook 01 converts it, from a repository-like
+    context; it differs from model_server_image in its model layer only."""
+    context = repository_context(trained_model_base, tmp_path_factory.mktemp("trained-model-server-context"))
+    seconds = build(DOCKERFILES / "image-model-server.dockerfile", TRAINED_MODEL_SERVER_TEST_IMAGE, context)
+    note(f"model-server image with the trained model: built in {seconds:.0f} s")
+    return TRAINED_MODEL_SERVER_TEST_IMAGE
+
+
 # The photo of the compose and pod runs: uploaded, or fetched by the gateways from photo_server.
 PHOTO = photos.jpeg(seed=4)
 

@@ -18,6 +18,7 @@ import pytest
 from test_pods import check_containers_run_as_declared, predict, start_pods, stop_pods
 
 import protobuf
+import real_answers
 from contract import CLASSES, INPUT_NAME, MODEL_NAME, OUTPUT_NAME, SIGNATURE_NAME
 from engine import (
     PHOTO,
@@ -36,17 +37,19 @@ pytestmark = pytest.mark.docker
 
 MODEL_SERVER_ARM64_IMAGE = "zoomcamp-10-model-server:test-arm64"
 GATEWAY_ARM64_IMAGE = "zoomcamp-10-gateway:test-arm64"
+# The same model-server image with the model trained here (notebook 00) in place of the stand-in.
+MODEL_SERVER_ARM64_TRAINED_IMAGE = "zoomcamp-10-model-server:test-arm64-trained"
 
 
-def make_build(target: str, context, base: str) -> float:
+def make_build(target: str, context, base: str, model_image: str = MODEL_SERVER_ARM64_IMAGE) -> float:
     """`make <target>` for arm64 in `context`, as a user on an x86-64 machine would run it; the seconds it took."""
     started = time.monotonic()
-    image = MODEL_SERVER_ARM64_IMAGE if target == "build-model" else GATEWAY_ARM64_IMAGE
+    image = model_image if target == "build-model" else GATEWAY_ARM64_IMAGE
     variables = [
         "MODEL_SERVER=local",
         "PLATFORM=linux/arm64",
         f"PYTHON_IMAGE={base}",
-        f"MODEL_SERVER_IMAGE={MODEL_SERVER_ARM64_IMAGE}",
+        f"MODEL_SERVER_IMAGE={model_image}",
         f"GATEWAY_IMAGE={GATEWAY_ARM64_IMAGE}",
         "DOCKER_BUILD_FLAGS=--network host",  # the builds reach the package index from the host's network
     ]
@@ -131,3 +134,24 @@ def test_an_upload_through_the_arm64_gateway_answers_with_the_amd64_top_class(ar
     assert list(answer) == list(CLASSES)
     assert max(answer, key=answer.get) == CLASSES[int(np.argmax(reference))]
     np.testing.assert_allclose(list(answer.values()), reference, atol=1e-4)
+
+
+def test_the_arm64_pods_with_the_trained_model_answer_test_photos_as_in_process(
+    dataset, arm64_base, arm64_images, trained_model_base, tmp_path
+):
+    """The model trained here (notebook 00) in the arm64 model-server image (its model layer the only change),
+    behind the arm64 gateway, under qemu: on three test photos of each class, the top class of the model in
+    process on amd64."""
+    context = repository_context(trained_model_base, tmp_path / "context")
+    seconds = make_build("build-model", context, arm64_base, MODEL_SERVER_ARM64_TRAINED_IMAGE)
+    note(f"arm64 model-server image with the trained model: built in {seconds:.0f} s")
+    pods = start_pods("arm64", MODEL_SERVER_ARM64_TRAINED_IMAGE, arm64_images.gateway, label=" with the trained model")
+    try:
+        report = real_answers.check_gateway(pods.gateway_url, dataset, per_class=3)
+    finally:
+        stop_pods(pods)
+    note(
+        f"arm64 pods with the trained model, under qemu: {report.correct} of {report.photos} test photos right, "
+        f"logits within {report.largest_logit_difference:.2g} of amd64's in process"
+    )
+    assert report.photos == 30 and report.largest_logit_difference <= 1e-5 * report.largest_logit

@@ -12,6 +12,7 @@ ZOOMCAMP_REQUIRE_CLUSTER=1 where it provides one, and then they fail instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from test_pods import CPU_LIMITS, MEMORY_LIMITS, enforced_limits
 
 import capabilities
 import contract
+import real_answers
 from conftest import ROOT, execute_notebook, tagged_result
 from engine import PHOTO, Load, call, host_address, run, unique
 from servers import free_port
@@ -167,12 +169,12 @@ def container_of(namespace: str, pod: str, name: str) -> str:
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def deployed(cluster, gateway_image, model_server_image, tmp_path_factory):
-    """k8s/overlays/arm64 in a namespace of its own, rolled out; removed with the namespace afterwards."""
+@contextlib.contextmanager
+def deploy(cluster, images: dict[str, str], folder: Path):
+    """k8s/overlays/arm64 with `images` in a namespace of its own, rolled out; removed with the namespace
+    afterwards."""
     namespace = unique("zoomcamp-10-cluster")
-    images = {"zoomcamp-10-model-server": model_server_image, "zoomcamp-10-gateway": gateway_image}
-    manifests = render("arm64", cluster.minor, images, tmp_path_factory.mktemp("overlay"))
+    manifests = render("arm64", cluster.minor, images, folder)
     kubectl("create", "namespace", namespace)
     try:
         started = time.monotonic()
@@ -193,6 +195,13 @@ def deployed(cluster, gateway_image, model_server_image, tmp_path_factory):
         yield SimpleNamespace(namespace=namespace, url=url, cluster=cluster)
     finally:
         kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, gateway_image, model_server_image, tmp_path_factory):
+    images = {"zoomcamp-10-model-server": model_server_image, "zoomcamp-10-gateway": gateway_image}
+    with deploy(cluster, images, tmp_path_factory.mktemp("overlay")) as running:
+        yield running
 
 
 def predict(url: str):
@@ -223,6 +232,22 @@ def failed_attempts(namespace: str) -> int:
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------
+
+
+def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
+    dataset, cluster, gateway_image, trained_model_server_image, tmp_path
+):
+    """The model trained here (notebook 00) in our model-server image, deployed as the overlay deploys the model
+    tier, in a namespace of its own: through the gateway's Service, on each of the 372 test photos the top class
+    of the model in process, and the accuracy notebook 00 reported."""
+    images = {"zoomcamp-10-model-server": trained_model_server_image, "zoomcamp-10-gateway": gateway_image}
+    with deploy(cluster, images, tmp_path / "overlay") as trained:
+        report = real_answers.check_gateway(trained.url, dataset)
+    print(
+        f"the cluster with the trained model: {report.correct} of {report.photos} test photos right "
+        f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
+    )
+    assert report.photos == 372 and report.largest_logit_difference <= 1e-5 * report.largest_logit
 
 
 def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, reference):
