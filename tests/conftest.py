@@ -12,8 +12,9 @@ import pytest
 import capabilities
 from contract import MODEL_NAME
 
-# The Docker harness: the engine checks, the images built once per session, the run's docker summary.
-pytest_plugins = ["engine"]
+# The Docker harness (the engine checks, the images built once per session, the run's docker summary), and the
+# Kubernetes cluster's.
+pytest_plugins = ["engine", "cluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -415,6 +415,7 @@ def free_ports(count: int) -> int:
 # (with the course model) must not be replaced by it.
 GATEWAY_TEST_IMAGE = "zoomcamp-10-gateway:test"
 MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test"
+LITERT_TEST_IMAGE = "zoomcamp-10-model-server-litert:test"
 
 
 def repository_context(model_base: Path, context: Path) -> Path:
@@ -444,26 +445,78 @@ def gateway_image(docker_engine) -> str:
 
 
 @pytest.fixture(scope="session")
-def model_server_image(docker_engine, model_base, tmp_path_factory) -> str:
-    """Our model-server image with the converted stand-in baked in, from a context laid out like the repo."""
-    context = repository_context(model_base, tmp_path_factory.mktemp("model-server-context"))
-    seconds = build(DOCKERFILES / "image-model-server.dockerfile", MODEL_SERVER_TEST_IMAGE, context)
+def model_context(docker_engine, model_base, tmp_path_factory) -> Path:
+    """A copy of the repository with the converted stand-in as models/clothing-model (repository_context)."""
+    return repository_context(model_base, tmp_path_factory.mktemp("model-context"))
+
+
+@pytest.fixture(scope="session")
+def model_server_image(model_context) -> str:
+    """Our model-server image (TensorFlow) with the converted stand-in baked in."""
+    seconds = build(DOCKERFILES / "image-model-server.dockerfile", MODEL_SERVER_TEST_IMAGE, model_context)
     note(f"model-server image: {image_size_mb(MODEL_SERVER_TEST_IMAGE):.0f} MB, built in {seconds:.0f} s")
     return MODEL_SERVER_TEST_IMAGE
 
 
-# Our model-server image with the model trained here (notebook 00) baked in: real answers through the containers.
-TRAINED_MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test-trained"
+def make_build(context: Path, target: str, image: str, variables: list[str], kind: str) -> float:
+    """`make <target>` in `context`, as a user runs it, building `image` (a one-time build of `kind`); the seconds
+    it took."""
+    started = time.monotonic()
+    arm64 = any(v == "PLATFORM=linux/arm64" for v in variables)
+    # The builds reach the package index from the host's network, as build() does.
+    variables = [*variables, "DOCKER_BUILD_FLAGS=--network host"]
+    shown = " ".join(v for v in variables if "IMAGE" not in v)
+    what = f"the {'arm64 ' if arm64 else ''}image {image} (make {target} {shown})"
+    with one_time_build(what, kind) as budget:
+        run(["make", "-C", str(context), "--no-print-directory", target, *variables], timeout=budget)
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="session")
-def trained_model_server_image(docker_engine, trained_model_base, tmp_path_factory) -> str:
-    """Our model-server image with the model trained here, as notebook 01 converts it, from a repository-like
-    context; it differs from model_server_image in its model layer only."""
-    context = repository_context(trained_model_base, tmp_path_factory.mktemp("trained-model-server-context"))
-    seconds = build(DOCKERFILES / "image-model-server.dockerfile", TRAINED_MODEL_SERVER_TEST_IMAGE, context)
+def litert_image(model_context) -> str:
+    """Our model-server image on LiteRT (no TensorFlow), with the converted stand-in baked in, built by the
+    Makefile's target."""
+    variables = [
+        "MODEL_SERVER=litert",
+        f"PYTHON_IMAGE={python_base()}",
+        f"MODEL_SERVER_LITERT_IMAGE={LITERT_TEST_IMAGE}",
+    ]
+    seconds = make_build(model_context, "build-model", LITERT_TEST_IMAGE, variables, "image")
+    note(f"LiteRT model-server image: {image_size_mb(LITERT_TEST_IMAGE):.0f} MB, built in {seconds:.0f} s")
+    return LITERT_TEST_IMAGE
+
+
+# The model trained here (notebook 00) in our model-server images, in place of the stand-in: real answers through the
+# containers. Their own tags, so that the stand-in's images stay as the other tests built them.
+TRAINED_MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test-trained"
+TRAINED_LITERT_TEST_IMAGE = "zoomcamp-10-model-server-litert:test-trained"
+
+
+@pytest.fixture(scope="session")
+def trained_context(docker_engine, trained_model_base, tmp_path_factory) -> Path:
+    """A copy of the repository with the trained model, as notebook 01 converts it, as models/clothing-model."""
+    return repository_context(trained_model_base, tmp_path_factory.mktemp("trained-context"))
+
+
+@pytest.fixture(scope="session")
+def trained_model_server_image(trained_context) -> str:
+    """Our model-server image (TensorFlow) with the trained model: model_server_image but for its model layer."""
+    seconds = build(DOCKERFILES / "image-model-server.dockerfile", TRAINED_MODEL_SERVER_TEST_IMAGE, trained_context)
     note(f"model-server image with the trained model: built in {seconds:.0f} s")
     return TRAINED_MODEL_SERVER_TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def trained_litert_image(trained_context) -> str:
+    """Our model-server image on LiteRT with the trained model's model.tflite, built by the Makefile's target."""
+    variables = [
+        "MODEL_SERVER=litert",
+        f"PYTHON_IMAGE={python_base()}",
+        f"MODEL_SERVER_LITERT_IMAGE={TRAINED_LITERT_TEST_IMAGE}",
+    ]
+    seconds = make_build(trained_context, "build-model", TRAINED_LITERT_TEST_IMAGE, variables, "image")
+    note(f"LiteRT model-server image with the trained model: built in {seconds:.0f} s")
+    return TRAINED_LITERT_TEST_IMAGE
 
 
 # The photo of the compose and pod runs: uploaded, or fetched by the gateways from photo_server.
@@ -518,9 +571,19 @@ def tf_serving_base(docker_engine) -> str:
     (image,) = set(base_images(MODEL_DOCKERFILE))
     if not pullable(image):
         unavailable(
-            f"{image} cannot be pulled here: the compose and pod runs use our model-server image only",
+            f"{image} cannot be pulled here: compose and the cluster run our model-server images only",
             capabilities.TF_SERVING,
         )
+    return image
+
+
+@pytest.fixture(scope="session")
+def tf_serving_image(tf_serving_base, model_context) -> str:
+    """The model image of the course's path (dockerfiles/image-model.dockerfile: TF Serving with the converted
+    stand-in baked in), where tensorflow/serving can be pulled."""
+    image = "zoomcamp-10-model:test"
+    seconds = build(DOCKERFILES / "image-model.dockerfile", image, model_context)
+    note(f"TF Serving model image: {image_size_mb(image):.0f} MB, built in {seconds:.0f} s")
     return image
 
 

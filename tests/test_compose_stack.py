@@ -38,7 +38,7 @@ from servers import free_port
 
 pytestmark = pytest.mark.docker
 
-# Our model server; tensorflow/serving is the base file alone (test_pods.py runs it where it can be pulled).
+# Our model server; tensorflow/serving is the base file alone (the last test runs it where it can be pulled).
 COMPOSE_FILES = ["docker-compose.yaml", "docker-compose.model-server.yaml"]
 SCALE = 5
 
@@ -226,3 +226,12 @@ def test_the_trained_model_answers_every_test_photo_as_in_process(
 
 def test_stopping_the_gateways_under_load_loses_no_accepted_request(stack):
     check_stopping_the_gateways_under_load(stack)
+
+
+def test_the_same_stack_with_tensorflow_serving(tf_serving_image, gateway_image, photo_server, reference):
+    """Where tensorflow/serving can be pulled: docker-compose.yaml as it is, the course's model image in it."""
+    images = {"MODEL_IMAGE": tf_serving_image, "GATEWAY_IMAGE": gateway_image}
+    with compose_stack(["docker-compose.yaml"], images, photo_server) as stack:
+        check_course_request(stack, reference)
+        check_five_gateways_share_one_model(stack, reference)
+        check_stopping_the_gateways_under_load(stack)

@@ -4,8 +4,8 @@ hadolint lints every Dockerfile; the compose files go through `docker compose co
 installed and always through the Compose Specification schema (check-jsonschema ships it). The rest reads
 the files and checks them against contract.py, gunicorn.conf.py, Pipfile(.lock) and the Makefile, so a
 port, name, path or version changed in one place fails here until it changes everywhere.
-The images themselves are built and run on a real engine by test_images.py, test_compose_stack.py and
-test_pods.py.
+The images themselves are built and run on a real engine by test_images.py, test_litert_image.py,
+test_compose_stack.py, and on the cluster by test_cluster.py and test_arm64.py.
 """
 
 from __future__ import annotations

