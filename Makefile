@@ -33,7 +33,7 @@ GATEWAY_PORT ?= 9696
 
 GATEWAY_PY ?= gateway.py
 
-.PHONY: help setup model model-if-missing convert demo standin-model serve test lint
+.PHONY: help setup model model-if-missing convert demo serve test lint
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -89,34 +89,54 @@ convert: $(ENV_STAMP) ## Write gateway.py from the cells of notebooks/02 tagged 
 	$(RUN) ruff format --quiet --config line-length=120 $$tmp/gateway.py && \
 	mv $$tmp/gateway.py $(GATEWAY_PY) && rmdir $$tmp && echo "wrote $(GATEWAY_PY)"
 
-# Where the course model cannot be had (and no MODEL_H5 was given), `make demo` runs on the test suite's stand-in,
-# converted by notebook 01 into build/ (never into models/, where it could pass for the real one).
-STANDIN_DIR := build/standin
-STANDIN_BASE := $(STANDIN_DIR)/models/$(MODEL_NAME)
+# ---- the small model trained here (notebook 00) ------------------------------------------------------------------
+
+# The course's photos (CC0): `git clone https://github.com/alexeygrigorev/clothing-dataset-small`, then point here.
+CLOTHING_DATASET ?= ../shared/data/clothing-dataset-small
+TRAINED_H5 := trained/clothing-small.h5
+TRAINED_SUMMARY = $(TRAINED_H5:.h5=.json)
+# Where the course model cannot be had (and no MODEL_H5 was given), `make demo` and `make serve` serve the trained
+# model, converted by notebook 01 into build/ (never into models/, where it could pass for the course's).
+TRAINED_DIR := build/trained
+TRAINED_BASE := $(TRAINED_DIR)/models/$(MODEL_NAME)
 LOCAL_STACK_PORTS = --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
 
-demo: $(ENV_STAMP) ## The main job: model, both tiers locally, classify the pants photo, stop everything
-	@if $(MAKE) --no-print-directory model-if-missing; then \
-	  $(RUN) python local_stack.py demo $(LOCAL_STACK_PORTS); \
-	elif [ -z "$(MODEL_H5)" ]; then \
-	  echo ""; echo "*** No course model: the demo goes on with the test suite's STAND-IN (random weights). ***"; \
-	  $(MAKE) --no-print-directory standin-model && \
-	  $(RUN) python local_stack.py demo --stand-in --model-base $(STANDIN_BASE) $(LOCAL_STACK_PORTS); \
-	else exit 1; fi
+.PHONY: train trained-model
 
-standin-model: $(ENV_STAMP) ## The test suite's stand-in (random weights), converted by notebook 01 into build/standin
-	@ls $(STANDIN_BASE)/*/saved_model.pb >/dev/null 2>&1 || { \
-	  mkdir -p $(STANDIN_DIR) && \
-	  PYTHONPATH=tests $(RUN) python -c "import sys, pathlib, standin; standin.save_standin_h5(pathlib.Path(sys.argv[1]))" \
-	    $(STANDIN_DIR)/standin.h5 && \
-	  $(RUN) papermill notebooks/01-convert-model.ipynb $(STANDIN_DIR)/01-convert-model.ipynb --cwd . \
-	    -p model_h5 $(STANDIN_DIR)/standin.h5 -p output_base $(STANDIN_BASE) -p version 1 --log-level WARNING \
-	    --no-progress-bar && \
-	  echo "stand-in converted: $(STANDIN_BASE)/1"; }
+train: $(ENV_STAMP) ## Train the small offline model on the course's photos (notebook 00: 49 min here; CLOTHING_DATASET=folder)
+	@mkdir -p build/notebooks
+	@$(RUN) papermill notebooks/00-train-a-small-model.ipynb build/notebooks/00-train-a-small-model.ipynb --cwd . \
+	  -p dataset_dir "$(CLOTHING_DATASET)" -p output_h5 $(TRAINED_H5) --log-output --no-progress-bar || { \
+	  echo ""; echo "make train failed (the error is above; the executed notebook is build/notebooks/00-train-a-small-model.ipynb)."; \
+	  exit 1; }
+	@echo "trained: $(TRAINED_H5), its scores in $(TRAINED_SUMMARY); the figures are in build/notebooks/00-train-a-small-model.ipynb"
+
+trained-model: $(TRAINED_BASE)/1/saved_model.pb ## The trained model converted by notebook 01 into build/trained (make demo's offline default)
+
+# Made again whenever `make train` writes a new file.
+$(TRAINED_BASE)/1/saved_model.pb: $(TRAINED_H5) | $(ENV_STAMP)
+	@mkdir -p $(TRAINED_DIR)
+	@$(RUN) papermill notebooks/01-convert-model.ipynb $(TRAINED_DIR)/01-convert-model.ipynb --cwd . \
+	  -p model_h5 $(TRAINED_H5) -p output_base $(TRAINED_BASE) -p version 1 --log-level WARNING --no-progress-bar
+	@echo "trained model converted: $(TRAINED_BASE)/1"
+
+# local_stack.py $(1) (demo or serve) on the course model; where it cannot be had and no MODEL_H5 was given, on the
+# small model trained here, which local_stack.py then describes from its summary.
+define LOCAL_STACK
+	@if $(MAKE) --no-print-directory model-if-missing; then \
+	  $(RUN) python local_stack.py $(1) $(LOCAL_STACK_PORTS); \
+	elif [ -z "$(MODEL_H5)" ]; then \
+	  echo ""; echo "*** No course model: going on with the small model trained here from the course's photos ($(TRAINED_H5)). ***"; \
+	  $(MAKE) --no-print-directory trained-model && \
+	  $(RUN) python local_stack.py $(1) --trained $(TRAINED_SUMMARY) --model-base $(TRAINED_BASE) $(LOCAL_STACK_PORTS); \
+	else exit 1; fi
+endef
+
+demo: $(ENV_STAMP) ## The main job: model, both tiers locally, classify the pants photo, stop everything
+	$(call LOCAL_STACK,demo)
 
 serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) until Ctrl-C
-	@$(MAKE) --no-print-directory model-if-missing
-	@$(RUN) python local_stack.py serve --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-port $(GATEWAY_PORT)
+	$(call LOCAL_STACK,serve)
 
 # Two processes, each test module whole in one of them: much of the suite's time is spent waiting on containers and
 # the cluster, and one module's fixtures (a deployment, a compose project) serve all its tests.

@@ -3,7 +3,8 @@
     python local_stack.py demo    # start both, classify the pants photo, print the answer, stop both
     python local_stack.py serve   # start both and keep them running until Ctrl-C
 
-`make demo` and `make serve` run these after making sure the SavedModel exists (`make model`).
+`make demo` and `make serve` run these after making sure the SavedModel exists (`make model`; where the course's
+model cannot be had, the small one trained here, converted by `make trained-model`, and `--trained` says so).
 Whatever happens (success, an error, Ctrl-C, SIGTERM), every process this script started is stopped.
 """
 
@@ -25,8 +26,9 @@ from pathlib import Path
 from contract import GATEWAY_PORT, GRPC_PORT, MODEL_BASE_PATH, MODEL_NAME, REST_PORT
 
 ROOT = Path(__file__).resolve().parent
-PANTS_PHOTO = ROOT.parent / "shared/data/clothing-dataset-small/test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
-PANTS_URL = "http://bit.ly/mlbookcamp-pants"  # the course's example, used when the dataset is not beside the repo
+# The course's example photo (its bit.ly link below), a copy of the dataset's test/pants/4aabd82c-….jpg (CC0).
+PANTS_PHOTO = ROOT / "docs" / "pants.jpg"
+PANTS_URL = "http://bit.ly/mlbookcamp-pants"  # the course's own request, where --photo names no file
 
 
 class StackError(Exception):
@@ -124,8 +126,9 @@ def _made_photo() -> bytes:
 
 
 def classify(gateway_url: str, photo: Path | None) -> dict:
-    """The pants photo through the gateway: uploaded from the dataset; else the course's URL request; and where
-    that URL cannot be fetched (no internet), a photo made here, so the two tiers still show they answer."""
+    """The photo through the gateway: uploaded (docs/pants.jpg unless --photo names another); where that file is
+    not there, the course's URL request; and where that URL cannot be fetched (no internet), a photo made here, so
+    the two tiers still show they answer."""
     try:
         if photo is not None and photo.is_file():
             answer, source = _predict(gateway_url, photo.read_bytes(), "image/jpeg"), photo.name
@@ -144,14 +147,25 @@ def classify(gateway_url: str, photo: Path | None) -> dict:
     return answer
 
 
-STAND_IN_BANNER = """
-  ==================================================================================================
-   STAND-IN MODEL: the course model could not be had, so this demo serves the test suite's stand-in
-   (tests/standin.py: the course model's structure and names, RANDOM WEIGHTS). Both tiers are real;
-   the classes and numbers below MEAN NOTHING.
-  =================================================================================================="""
-REAL_ANSWERS = (
-    "For real answers: get xception_v4_large_08_0.894.h5 (the course's model) and run "
+def describe_trained(summary: dict) -> str:
+    """What the model trained here is and how well it does, from the summary notebook 00 wrote beside it."""
+    test, validation, course = summary["test"], summary["validation"], summary["course_model"]
+    network = f"{summary['parameters'] / 1e6:.1f} M parameters, {summary['image_size']} px"
+    trained = f"{summary['recipe']['epochs']} epochs in {summary['training_seconds'] / 60:.0f} min"
+    lines = [
+        "OFFLINE MODEL: the course's model could not be had, so this serves a small network trained here",
+        f"from the course's photos (notebook 00: {summary['file']}, {network}),",
+        f"{trained} ({summary['machine']}).",
+        f"Top-1 on the {test['photos']} test photos: {test['accuracy']:.1%} ({test['correct']} right); "
+        f"on the {validation['photos']} validation photos: {validation['accuracy']:.1%}.",
+        f"The course's Xception, fine-tuned from ImageNet weights: {course['validation_accuracy']:.1%} on validation.",
+    ]
+    rule = "  " + "=" * 100
+    return "\n".join(["", rule, *(f"   {line}" for line in lines), rule])
+
+
+COURSE_MODEL_HINT = (
+    "For the course's model: get xception_v4_large_08_0.894.h5 and run "
     "`make demo MODEL_H5=/path/to/xception_v4_large_08_0.894.h5`, or `make demo` where it can be downloaded."
 )
 
@@ -179,7 +193,10 @@ def main(argv=None) -> int:
     parser.add_argument("--photo", type=Path, default=PANTS_PHOTO, help="photo to classify in the demo")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     parser.add_argument(
-        "--stand-in", action="store_true", help="the model is the test suite's stand-in: say so, loudly"
+        "--trained",
+        type=Path,
+        metavar="SUMMARY",
+        help="the model is the one trained here (notebook 00); SUMMARY is the .json beside it: say what it is",
     )
     args = parser.parse_args(argv)
 
@@ -205,6 +222,9 @@ def main(argv=None) -> int:
 def run(args, stack: Stack) -> int:
     if not has_version(args.model_base):
         raise StackError(f"no SavedModel version under {args.model_base}: run `make model` first")
+    if args.trained and not args.trained.is_file():
+        raise StackError(f"no summary of the trained model at {args.trained}: `make train` writes it beside the .h5")
+    about = describe_trained(json.loads(args.trained.read_text())) if args.trained else None
     for name, port in (("gRPC", args.grpc_port), ("REST", args.rest_port), ("gateway", args.gateway_port)):
         if not port_is_free(port):
             raise StackError(
@@ -235,12 +255,12 @@ def run(args, stack: Stack) -> int:
     )
     ready = wait_until_ready(stack, gateway_url, args.ready_timeout)
     say(f"ready: {ready['model']} {ready['detail']}")
+    if about:
+        print(about)
     if args.command == "demo":
-        if args.stand_in:
-            print(STAND_IN_BANNER)
         show(classify(gateway_url, args.photo))
-        if args.stand_in:
-            say("STAND-IN MODEL, RANDOM WEIGHTS: the answer above means nothing. " + REAL_ANSWERS)
+        if args.trained:
+            say(COURSE_MODEL_HINT)
         return 0
     say(f"serving on {gateway_url} (Ctrl-C stops both tiers). Try:")
     print(

@@ -11,6 +11,7 @@ provides one, and then they fail instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import yaml
 
 import capabilities
 from conftest import ROOT
-from engine import PHOTO, Load, call, run
+from engine import PHOTO, Load, call, run, unique
 
 # The two Deployments of the manifests.
 MODEL, GATEWAY = "clothing-model", "gateway"
@@ -177,6 +178,34 @@ def wait_for(condition, timeout: float, what: str, every: float = 1.0):
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(every)
     return value
+
+
+@contextlib.contextmanager
+def deploy(cluster, overlay: str, images: dict[str, str], folder: Path):
+    """k8s/overlays/<overlay> with `images`, in a namespace of its own, rolled out, its gateways at the HPA's
+    minimum and Ready; removed with the namespace afterwards."""
+    namespace = unique("zoomcamp-10-cluster")
+    manifests = render(overlay, cluster.minor, images, folder)
+    kubectl("create", "namespace", namespace)
+    try:
+        started = time.monotonic()
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
+        for deployment in (MODEL, GATEWAY):
+            rollout(namespace, deployment)
+        # Just after the apply, the HPA raises the gateways to its minimum: wait for those to be Ready too.
+        minimum = kubectl_json("get", "hpa", GATEWAY, "-n", namespace)["spec"]["minReplicas"]
+
+        def gateways_ready() -> bool:
+            status = kubectl_json("get", "deployment", GATEWAY, "-n", namespace)["status"]
+            return status.get("readyReplicas", 0) >= minimum and status.get("replicas", 0) == minimum
+
+        wait_for(gateways_ready, 600, f"{minimum} gateways Ready")
+        service = kubectl_json("get", "service", GATEWAY, "-n", namespace)
+        url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+        print(f"\n{cluster.version}: k8s/overlays/{overlay} rolled out in {time.monotonic() - started:.0f} s")
+        yield SimpleNamespace(namespace=namespace, url=url, cluster=cluster)
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def container_of(namespace: str, pod: str, name: str) -> str:

@@ -23,6 +23,8 @@ DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data
 # The course's example photo (its published logits are in test_course_model.py), relative to DATASET (and to
 # photo_folder, which has a made photo by that name).
 PANTS = "test/pants/4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
+# The small model trained here from the course's photos (notebook 00): the offline default. Its summary: the .json.
+TRAINED_H5 = ROOT / "trained" / "clothing-small.h5"
 
 # Quiet TensorFlow's C++ start-up lines in this process and in every process the tests start.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -66,6 +68,23 @@ def converted(standin_h5, tmp_path_factory) -> SimpleNamespace:
 def model_base(converted) -> Path:
     """A TF Serving base directory (<base>/1/saved_model.pb) holding the converted stand-in."""
     return converted.base
+
+
+@pytest.fixture(scope="session")
+def trained_model_base(tmp_path_factory) -> Path:
+    """The trained model converted by notebook 01 (as `make trained-model` does) into a TF Serving base directory."""
+    import papermill
+
+    work = tmp_path_factory.mktemp("trained")
+    base = work / "models" / MODEL_NAME
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "01-convert-model.ipynb"),
+        str(work / "01-convert-model.ipynb"),
+        parameters={"model_h5": str(TRAINED_H5), "output_base": str(base), "version": 1},
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return base
 
 
 @pytest.fixture(scope="session")

@@ -501,6 +501,39 @@ def litert_image(model_context) -> str:
     return LITERT_TEST_IMAGE
 
 
+# The model trained here (notebook 00) in our model-server images, in place of the stand-in: real answers through the
+# containers. Their own tags, so that the stand-in's images stay as the other tests built them.
+TRAINED_MODEL_SERVER_TEST_IMAGE = "zoomcamp-10-model-server:test-trained"
+TRAINED_LITERT_TEST_IMAGE = "zoomcamp-10-model-server-litert:test-trained"
+
+
+@pytest.fixture(scope="session")
+def trained_context(docker_engine, trained_model_base, tmp_path_factory) -> Path:
+    """A copy of the repository with the trained model, as notebook 01 converts it, as models/clothing-model."""
+    return repository_context(trained_model_base, tmp_path_factory.mktemp("trained-context"))
+
+
+@pytest.fixture(scope="session")
+def trained_model_server_image(trained_context) -> str:
+    """Our model-server image (TensorFlow) with the trained model: model_server_image but for its model layer."""
+    seconds = build(DOCKERFILES / "image-model-server.dockerfile", TRAINED_MODEL_SERVER_TEST_IMAGE, trained_context)
+    note(f"model-server image with the trained model: built in {seconds:.0f} s")
+    return TRAINED_MODEL_SERVER_TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def trained_litert_image(trained_context) -> str:
+    """Our model-server image on LiteRT with the trained model's model.tflite, built by the Makefile's target."""
+    variables = [
+        "MODEL_SERVER=litert",
+        f"PYTHON_IMAGE={python_base()}",
+        f"MODEL_SERVER_LITERT_IMAGE={TRAINED_LITERT_TEST_IMAGE}",
+    ]
+    seconds = make_build(trained_context, "build-model", TRAINED_LITERT_TEST_IMAGE, variables, "image")
+    note(f"LiteRT model-server image with the trained model: built in {seconds:.0f} s")
+    return TRAINED_LITERT_TEST_IMAGE
+
+
 # The photo of the compose and pod runs: uploaded, or fetched by the gateways from photo_server.
 PHOTO = photos.jpeg(seed=4)
 

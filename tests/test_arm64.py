@@ -20,10 +20,12 @@ import pytest
 
 import capabilities
 import protobuf
+import real_answers
 from cluster import (
     GATEWAY,
     MODEL,
     check_containers_as_declared,
+    deploy,
     kubectl,
     kubectl_json,
     pods,
@@ -50,6 +52,8 @@ from servers import running_model_server
 pytestmark = [pytest.mark.docker, pytest.mark.cluster]
 
 MODEL_ARM64_IMAGE = "zoomcamp-10-model-server-litert:test-arm64"
+# The same image with the model trained here (notebook 00) in place of the stand-in.
+MODEL_ARM64_TRAINED_IMAGE = "zoomcamp-10-model-server-litert:test-arm64-trained"
 GATEWAY_ARM64_IMAGE = "zoomcamp-10-gateway:test-arm64"
 ARCH = "kubernetes.io/arch"
 # LiteRT's arm64 interpreter dies with SIGSEGV as it is created under qemu 7.2 (Debian 12's), and runs under 10.0
@@ -178,3 +182,27 @@ def test_a_photo_through_the_arm64_gateway_service_gets_the_amd64_answer(arm64_d
     assert list(answer) == list(CLASSES)
     assert max(answer, key=answer.get) == CLASSES[int(np.argmax(reference))]
     np.testing.assert_allclose(list(answer.values()), reference, atol=1e-4)
+
+
+def test_the_trained_model_on_the_arm64_pods_answers_test_photos_as_in_process(
+    dataset, arm64_deployed, arm64_images, trained_context, cluster, tmp_path
+):
+    """The model trained here (notebook 00) in the arm64 LiteRT image (its model layer the only change), with the
+    arm64 gateway, k8s/overlays/arm64 in a namespace of its own while the node is labelled arm64: through the
+    gateway's Service, under qemu, on three test photos of each class the top class of the model in process on
+    amd64."""
+    variables = [
+        "PLATFORM=linux/arm64",
+        f"PYTHON_IMAGE={arm64_python_base()}",
+        "MODEL_SERVER=litert",
+        f"MODEL_SERVER_LITERT_IMAGE={MODEL_ARM64_TRAINED_IMAGE}",
+    ]
+    make_build(trained_context, "build-model", MODEL_ARM64_TRAINED_IMAGE, variables, "arm64 image")
+    images = {"zoomcamp-10-model-server-litert": MODEL_ARM64_TRAINED_IMAGE, "zoomcamp-10-gateway": arm64_images.gateway}
+    with deploy(cluster, "arm64", images, tmp_path / "overlay") as trained:
+        report = real_answers.check_gateway(trained.url, dataset, per_class=3)
+    note(
+        f"the arm64 pods with the trained model, under qemu: {report.correct} of {report.photos} test photos right, "
+        f"logits within {report.largest_logit_difference:.2g} of amd64 TensorFlow's in process"
+    )
+    assert report.photos == 30 and report.largest_logit_difference <= 1e-5 * report.largest_logit

@@ -13,13 +13,13 @@ import json
 import re
 import subprocess
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
 import contract
+import real_answers
 from cluster import (
     DISCOVERY_SECONDS,
     GATEWAY,
@@ -28,6 +28,7 @@ from cluster import (
     Api,
     ModelTraffic,
     check_containers_as_declared,
+    deploy,
     failed_attempts,
     failures_report,
     keep_alive_load,
@@ -54,32 +55,28 @@ pytestmark = [pytest.mark.cluster, pytest.mark.docker]
 def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
     """k8s/overlays/litert in a namespace of its own, rolled out; removed with the namespace afterwards. Our model
     server on LiteRT is ready a second after it starts, so rollouts and scale-ups wait on the cluster, not on it."""
-    namespace = unique("zoomcamp-10-cluster")
     images = {"zoomcamp-10-model-server-litert": litert_image, "zoomcamp-10-gateway": gateway_image}
-    manifests = render("litert", cluster.minor, images, tmp_path_factory.mktemp("overlay"))
-    kubectl("create", "namespace", namespace)
-    try:
-        started = time.monotonic()
-        kubectl("apply", "-n", namespace, "-f", "-", stdin=manifests)
-        for deployment in (MODEL, GATEWAY):
-            rollout(namespace, deployment)
-        # Just after the apply, the HPA raises the gateways to its minimum: wait for those to be Ready too.
-        minimum = kubectl_json("get", "hpa", GATEWAY, "-n", namespace)["spec"]["minReplicas"]
-
-        def gateways_ready() -> bool:
-            status = kubectl_json("get", "deployment", GATEWAY, "-n", namespace)["status"]
-            return status.get("readyReplicas", 0) >= minimum and status.get("replicas", 0) == minimum
-
-        wait_for(gateways_ready, 600, f"{minimum} gateways Ready")
-        service = kubectl_json("get", "service", GATEWAY, "-n", namespace)
-        url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
-        print(f"\n{cluster.version}: k8s/overlays/litert rolled out in {time.monotonic() - started:.0f} s")
-        yield SimpleNamespace(namespace=namespace, url=url, cluster=cluster)
-    finally:
-        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with deploy(cluster, "litert", images, tmp_path_factory.mktemp("overlay")) as running:
+        yield running
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------
+
+
+def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
+    dataset, cluster, gateway_image, trained_litert_image, tmp_path
+):
+    """The model trained here (notebook 00) in our LiteRT model-server image, k8s/overlays/litert in a namespace of
+    its own: through the gateway's Service, on each of the 372 test photos the top class of the model in process,
+    and the accuracy notebook 00 reported."""
+    images = {"zoomcamp-10-model-server-litert": trained_litert_image, "zoomcamp-10-gateway": gateway_image}
+    with deploy(cluster, "litert", images, tmp_path / "overlay") as trained:
+        report = real_answers.check_gateway(trained.url, dataset)
+    print(
+        f"the cluster with the trained model: {report.correct} of {report.photos} test photos right "
+        f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
+    )
+    assert report.photos == 372 and report.largest_logit_difference <= 1e-5 * report.largest_logit
 
 
 def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, reference):

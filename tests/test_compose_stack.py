@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import contract
+import real_answers
 from conftest import ROOT, execute_notebook, tagged_result
 from engine import (
     PHOTO,
@@ -205,6 +206,22 @@ def test_notebook_05_takes_the_courses_docker_steps(
     left = run(["docker", "ps", "-aq", "--filter", f"name={project}"]).stdout.split()
     left += run(["docker", "network", "ls", "-q", "--filter", f"name={project}"]).stdout.split()
     assert not left, f"notebook 05 left {left}"
+
+
+def test_the_trained_model_answers_every_test_photo_as_in_process(
+    dataset, gateway_image, trained_model_server_image, photo_server
+):
+    """The model trained here (notebook 00) in our model-server image, behind a composed gateway: on each of the
+    372 test photos the top class of the model in process, and the accuracy notebook 00 reported."""
+    images = {"MODEL_SERVER_IMAGE": trained_model_server_image, "GATEWAY_IMAGE": gateway_image}
+    with compose_stack(COMPOSE_FILES, images, photo_server) as stack:
+        (url,) = stack.gateway_urls()
+        report = real_answers.check_gateway(url, dataset)
+    note(
+        f"compose with the trained model: {report.correct} of {report.photos} test photos right "
+        f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
+    )
+    assert report.photos == 372 and report.largest_logit_difference <= 1e-5 * report.largest_logit
 
 
 def test_stopping_the_gateways_under_load_loses_no_accepted_request(stack):

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import real_answers
 from conftest import PANTS, ROOT
 from contract import CLASSES
 from gateways import free_port
@@ -114,11 +115,15 @@ def test_missing_model_and_busy_ports_are_explained(tmp_path, model_base, ports)
         busy.listen()
         taken = subprocess.run(_command("demo", model_base, ports), cwd=ROOT, capture_output=True, text=True)
     assert taken.returncode == 1 and f"port {ports[0]} (gRPC) is in use" in taken.stdout
+    no_summary = _command("demo", model_base, ports, f"--trained={tmp_path / 'absent.json'}")
+    unsaid = subprocess.run(no_summary, cwd=ROOT, capture_output=True, text=True)
+    assert unsaid.returncode == 1 and "no summary of the trained model at" in unsaid.stdout
 
 
-def test_make_demo_without_the_course_model_runs_the_labelled_stand_in(tmp_path, ports):
+def test_make_demo_without_the_course_model_classifies_the_pants_photo_with_the_trained_model(tmp_path, ports):
     """The course model's download fails (here: a URL that refuses at once) and no MODEL_H5 is given: the demo
-    says so, serves the stand-in converted into build/ (here tmp_path), labels its answer, and exits 0."""
+    says so, serves the small model trained here, converted into build/ (here tmp_path), says what it is and how
+    well it does beside the course's model, classifies the course's pants photo as pants, and exits 0."""
     grpc, rest, gateway = ports
     done = subprocess.run(
         [
@@ -127,7 +132,7 @@ def test_make_demo_without_the_course_model_runs_the_labelled_stand_in(tmp_path,
             "demo",
             "MODEL_URL=http://127.0.0.1:9/xception_v4_large_08_0.894.h5",
             f"MODEL_BASE={tmp_path / 'no-model'}",
-            f"STANDIN_DIR={tmp_path / 'standin'}",
+            f"TRAINED_DIR={tmp_path / 'trained'}",
             f"GRPC_PORT={grpc}",
             f"REST_PORT={rest}",
             f"GATEWAY_PORT={gateway}",
@@ -139,19 +144,23 @@ def test_make_demo_without_the_course_model_runs_the_labelled_stand_in(tmp_path,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    assert "No course model: the demo goes on with the test suite's STAND-IN (random weights)" in out
-    assert "STAND-IN MODEL" in out and "MEAN NOTHING" in out
-    assert "classified " in out and "  1. " in out
-    assert "For real answers: get xception_v4_large_08_0.894.h5" in out and "make demo MODEL_H5=" in out
-    assert (tmp_path / "standin" / "models" / "clothing-model" / "1" / "saved_model.pb").is_file()
-    assert not (tmp_path / "no-model").exists(), "the stand-in never takes the real model's place"
+    assert "No course model: going on with the small model trained here from the course's photos" in out
+    summary = real_answers.summary()
+    test, minutes = summary["test"], summary["training_seconds"] / 60
+    assert "OFFLINE MODEL" in out and f"Top-1 on the 372 test photos: {test['accuracy']:.1%}" in out
+    assert f"{summary['recipe']['epochs']} epochs in {minutes:.0f} min ({summary['machine']})" in out
+    assert "The course's Xception, fine-tuned from ImageNet weights: 89.4% on validation" in out
+    assert "classified pants.jpg with clothing-model version 1" in out and "\n  1. pants " in out
+    assert "For the course's model: get xception_v4_large_08_0.894.h5" in out and "make demo MODEL_H5=" in out
+    assert (tmp_path / "trained" / "models" / "clothing-model" / "1" / "saved_model.pb").is_file()
+    assert not (tmp_path / "no-model").exists(), "the trained model never takes the course model's place"
     assert not _listening(set(ports))
 
 
 def test_demo_without_a_dataset_photo_still_classifies_one(model_base, ports, tmp_path):
-    """No dataset beside the repository: the course's URL, or where that cannot be fetched, a photo made here."""
+    """The photo given is not there: the course's URL, or where that cannot be fetched, a photo made here."""
     done = subprocess.run(
-        _command("demo", model_base, ports, f"--photo={tmp_path / 'absent.jpg'}", "--stand-in"),
+        _command("demo", model_base, ports, f"--photo={tmp_path / 'absent.jpg'}"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -161,4 +170,3 @@ def test_demo_without_a_dataset_photo_still_classifies_one(model_base, ports, tm
     assert "classified http://bit.ly/mlbookcamp-pants" in done.stdout or (
         "cannot be fetched from here" in done.stdout and "classified a photo made by tests/photos.py" in done.stdout
     )
-    assert "RANDOM WEIGHTS" in done.stdout

@@ -1,8 +1,9 @@
 """The gateway's page (GET /), in a real headless browser: Debian's chromium driven by Playwright.
 
-The gateway runs under gunicorn in front of model_server.py with the stand-in, as `make serve` runs them. The
-test uploads a photo it makes, waits for the chart, checks every bar against the API's own answer for the same
-bytes, checks what the page says for a URL the gateway refuses, and saves a screenshot to build/page.png.
+The gateway runs under gunicorn in front of model_server.py with the model trained here (notebook 00), as `make
+serve` runs them offline. The test uploads the course's pants photo, waits for the chart, checks every bar against
+the API's own answer for the same bytes and the top one is pants, drops the photo on the page, checks what the page
+says for a URL the gateway refuses, and saves a screenshot to build/page.png (the README's is docs/page.png).
 
 Where no chromium is installed this skips and says why; `.ci/run` installs it and sets ZOOMCAMP_REQUIRE_BROWSER=1,
 and then a missing browser fails instead.
@@ -17,13 +18,14 @@ import pytest
 import requests
 
 import capabilities
-import photos
 from conftest import ROOT
 from contract import CLASSES
 from gateways import running_gateway
+from local_stack import PANTS_PHOTO
 from servers import running_model_server
 
 SCREENSHOT = ROOT / "build" / "page.png"
+PHOTO_WIDTH = 400  # docs/pants.jpg is 400x534, and the page previews the file itself
 # Without these, chromium on a machine with no internet tries its background services and logs the failures.
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -56,9 +58,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def served(model_base, tmp_path_factory):
+def served(trained_model_base, tmp_path_factory):
     with (
-        running_model_server(model_base, rest_api_port=0) as server,
+        running_model_server(trained_model_base, rest_api_port=0) as server,
         running_gateway(server.grpc_target, tmp_path_factory.mktemp("page-gateway"), workers=1) as gw,
     ):
         yield gw
@@ -76,8 +78,8 @@ def test_the_page_is_self_contained_and_forbids_loading_anything_else(served):
 
 
 def test_a_chosen_photo_becomes_a_chart_that_matches_the_api(served, browser, tmp_path):
-    photo = tmp_path / "shirt.jpg"
-    photo.write_bytes(photos.jpeg(seed=21, exif_orientation=1))
+    photo = tmp_path / "pants.jpg"
+    photo.write_bytes(PANTS_PHOTO.read_bytes())
     expected = requests.post(
         f"{served.url}/predict?detail=1&top_k=10", files={"image": photo.read_bytes()}, timeout=30
     ).json()
@@ -101,11 +103,11 @@ def test_a_chosen_photo_becomes_a_chart_that_matches_the_api(served, browser, tm
         assert probability == pytest.approx(probabilities[name], abs=1e-9), name
     assert [p for _, p in bars] == sorted((p for _, p in bars), reverse=True), "the bars are ranked"
     top = page.eval_on_selector("#bars .bar.top", "row => row.dataset.class")
-    assert top == max(probabilities, key=probabilities.get) == expected["predictions"][0]["top"][0]["class"]
+    assert top == max(probabilities, key=probabilities.get) == expected["predictions"][0]["top"][0]["class"] == "pants"
     model = expected["model"]
     assert page.inner_text('[data-key="model"]') == f"{model['name']}, version {model['version']}"
     assert "ms in all" in page.inner_text('[data-key="timings"]')
-    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == photos.PHOTO_SIZE[0]
+    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == PHOTO_WIDTH
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert not failures and not outside, (failures, outside)
@@ -121,7 +123,7 @@ DROP = """bytes => {
 
 def test_a_photo_dropped_on_the_page_is_classified(served, browser):
     """Drag and drop as a browser delivers it: dragenter marks the drop zone, the drop carries the file."""
-    data = photos.jpeg(seed=22)
+    data = PANTS_PHOTO.read_bytes()
     expected = requests.post(f"{served.url}/predict?detail=1", files={"image": data}, timeout=30).json()
     page = browser.new_page()
     page.goto(f"{served.url}/")
@@ -132,8 +134,8 @@ def test_a_photo_dropped_on_the_page_is_classified(served, browser):
     page.wait_for_selector("#bars .bar.top", timeout=30_000)
     assert "over" not in page.get_attribute("#drop", "class").split()
     top = page.eval_on_selector("#bars .bar.top", "row => row.dataset.class")
-    assert top == expected["predictions"][0]["top"][0]["class"]
-    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == photos.PHOTO_SIZE[0]
+    assert top == expected["predictions"][0]["top"][0]["class"] == "pants"
+    assert page.eval_on_selector("#drop img", "img => img.naturalWidth") == PHOTO_WIDTH
     page.close()
 
 
