@@ -61,7 +61,7 @@ def _spec(spec: tf.TensorSpec) -> TensorSpec:
     return TensorSpec(spec.dtype.as_datatype_enum, shape)
 
 
-def _signature_defs(version_dir: Path) -> dict[str, protobuf.SignatureDef]:
+def signature_defs(version_dir: Path) -> dict[str, protobuf.SignatureDef]:
     """The serving MetaGraphDef's signature_def map, which is what GetModelMetadata returns."""
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((version_dir / MODEL_FILE).read_bytes())
@@ -100,7 +100,7 @@ class TensorFlowVersion(ServedVersion):
 
     def __init__(self, version: int, path: Path):
         super().__init__(version, path)
-        self.signature_defs = _signature_defs(path)
+        self.signature_defs = signature_defs(path)
         self._loaded = tf.saved_model.load(str(path))
         for name, function in self._loaded.signatures.items():
             _, inputs = function.structured_input_signature
