@@ -39,6 +39,18 @@ def test_notebooks_are_committed_without_outputs(notebook):
 
 
 @pytest.mark.parametrize("notebook", ALL_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_fits_a_screen(notebook):
+    """A learner reads a cell as one screen: about 40 lines. Longer helpers belong in a module the notebook imports."""
+    cells = json.loads(notebook.read_text())["cells"]
+    long = {
+        i: n
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "code" and (n := len("".join(c["source"]).splitlines())) > 40
+    }
+    assert not long, f"{notebook.name}: cells over 40 lines (index: lines): {long}"
+
+
+@pytest.mark.parametrize("notebook", ALL_NOTEBOOKS, ids=lambda p: p.name)
 def test_notebooks_have_parameters_and_no_absolute_paths(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     assert any("parameters" in c["metadata"].get("tags", []) for c in cells), "papermill needs a parameters cell"
