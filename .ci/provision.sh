@@ -220,6 +220,16 @@ ci_dataset() {
 }
 
 # An IPv6 loopback, for the test that fetches over it.
+ci_openssl() {
+  command -v openssl >/dev/null 2>&1 || ci_apt_install openssl
+  if command -v openssl >/dev/null 2>&1; then
+    ci_say "openssl: $(openssl version)"
+    export ZOOMCAMP_REQUIRE_OPENSSL=1
+  else
+    ci_lacks "no openssl command: the TLS tests, which make their certificates with it, will skip"
+  fi
+}
+
 ci_ipv6() {
   if python3 -c 'import socket; socket.socket(socket.AF_INET6).bind(("::1", 0))' 2>/dev/null; then
     ci_say "IPv6 loopback: yes"

@@ -19,7 +19,8 @@ DATASET = "ZOOMCAMP_REQUIRE_DATASET"  # the clothing photos beside the repositor
 COURSE_MODEL = "ZOOMCAMP_REQUIRE_COURSE_MODEL"  # the course's model, downloadable or in models/
 TF_SERVING = "ZOOMCAMP_REQUIRE_TF_SERVING"  # the tensorflow/serving image, pullable
 IPV6 = "ZOOMCAMP_REQUIRE_IPV6"  # an IPv6 loopback (::1)
-SWITCHES = (DOCKER, ARM64, BROWSER, CLUSTER, DATASET, COURSE_MODEL, TF_SERVING, IPV6)
+OPENSSL = "ZOOMCAMP_REQUIRE_OPENSSL"  # the openssl command, which makes the TLS tests' certificates
+SWITCHES = (DOCKER, ARM64, BROWSER, CLUSTER, DATASET, COURSE_MODEL, TF_SERVING, IPV6, OPENSSL)
 
 
 def required(switch: str) -> bool:

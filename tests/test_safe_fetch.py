@@ -752,7 +752,7 @@ def test_an_image_of_exactly_max_bytes_is_accepted(server, route):
 def test_ca(tmp_path_factory):
     """A throwaway CA and a certificate for images.example it signed (files in a temp dir)."""
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+        capabilities.unavailable("the openssl command is needed to make test certificates", capabilities.OPENSSL)
     folder = tmp_path_factory.mktemp("tls")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     (folder / "ext.cnf").write_text("subjectAltName=DNS:images.example\nextendedKeyUsage=serverAuth\n")
