@@ -139,12 +139,13 @@ serve: $(ENV_STAMP) ## Both tiers locally (model server + gateway on :9696) unti
 	$(call LOCAL_STACK,serve)
 
 # Two processes, each test module whole in one of them: much of the suite's time is spent waiting on containers and
-# the cluster, and one module's fixtures (a deployment, a compose project) serve all its tests.
+# the cluster, and one module's fixtures (a deployment, a compose project) serve all its tests. The modules go out in
+# the order tests/conftest.py gives (the slowest first), not xdist's default (the most tests first).
 TEST_WORKERS ?= 2
 
 test: $(ENV_STAMP) ## Run the whole test suite (tests needing Docker, a browser, a cluster or the internet skip, saying why)
 	@$(PIPENV) verify >/dev/null || { echo "Pipfile.lock is out of date with Pipfile: run pipenv lock"; exit 1; }
-	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(ENV_STAMP) ## ruff on the code and notebooks, hadolint on the Dockerfiles
 	$(RUN) ruff check .
