@@ -38,11 +38,13 @@ def in_process_logits(photos: tuple[Path, ...]) -> np.ndarray:
     return training.predict_photos(training.load_h5(TRAINED_H5), list(photos))
 
 
-def served_logits(gateway_url: str, photos: list[Path], timeout: float = 120) -> np.ndarray:
+def served_logits(
+    gateway_url: str, photos: list[Path], timeout: float = 120, per_request: int = PHOTOS_PER_REQUEST
+) -> np.ndarray:
     """The gateway's logits for each photo, uploaded as the files of a multipart request, several per request."""
     rows = []
-    for start in range(0, len(photos), PHOTOS_PER_REQUEST):
-        chunk = photos[start : start + PHOTOS_PER_REQUEST]
+    for start in range(0, len(photos), per_request):
+        chunk = photos[start : start + per_request]
         files = [(f"photo{i}", (path.name, path.read_bytes(), "image/jpeg")) for i, path in enumerate(chunk)]
         response = requests.post(f"{gateway_url}/predict", files=files, timeout=timeout)
         assert response.status_code == 200, f"{chunk[0].name} and on: {response.status_code} {response.text[:300]}"
@@ -63,7 +65,9 @@ class Report:
         return self.correct / self.photos
 
 
-def check_gateway(gateway_url: str, dataset: Path, per_class: int | None = None) -> Report:
+def check_gateway(
+    gateway_url: str, dataset: Path, per_class: int | None = None, per_request: int = PHOTOS_PER_REQUEST
+) -> Report:
     """The test photos (all, or the first `per_class` of each class) through the gateway at `gateway_url`: fails
     naming every photo whose served top class differs from the model's in process, and, on all of them, when the
     served accuracy is not the one in the summary."""
@@ -71,7 +75,7 @@ def check_gateway(gateway_url: str, dataset: Path, per_class: int | None = None)
 
     split = training.list_split(dataset, "test", per_class)
     expected = in_process_logits(tuple(split.paths))
-    served = served_logits(gateway_url, split.paths)
+    served = served_logits(gateway_url, split.paths, per_request=per_request)
     differ = [
         f"{path.parent.name}/{path.name}: {CLASSES[mine]} in process, {CLASSES[theirs]} served"
         for path, mine, theirs in zip(split.paths, expected.argmax(1), served.argmax(1), strict=True)
