@@ -26,9 +26,11 @@ from pathlib import Path
 from contract import GATEWAY_PORT, GRPC_PORT, MODEL_BASE_PATH, MODEL_NAME, REST_PORT
 
 ROOT = Path(__file__).resolve().parent
-# The course's example photo (its bit.ly link below), a copy of the dataset's test/pants/4aabd82c-….jpg (CC0).
-PANTS_PHOTO = ROOT / "docs" / "pants.jpg"
-PANTS_URL = "http://bit.ly/mlbookcamp-pants"  # the course's own request, where --photo names no file
+# The course's example photo (its bit.ly link below): the dataset's test/pants/4aabd82c-….jpg, where the course's
+# photos are beside the repository (or in CLOTHING_DATASET).
+DATASET = Path(os.environ.get("CLOTHING_DATASET", ROOT.parent / "shared" / "data" / "clothing-dataset-small"))
+PANTS_PHOTO = DATASET / "test" / "pants" / "4aabd82c-82e1-4181-a84d-d0c6e550d26d.jpg"
+PANTS_URL = "http://bit.ly/mlbookcamp-pants"  # the course's own request, where that file is not there
 
 
 class StackError(Exception):
@@ -126,9 +128,9 @@ def _made_photo() -> bytes:
 
 
 def classify(gateway_url: str, photo: Path | None) -> dict:
-    """The photo through the gateway: uploaded (docs/pants.jpg unless --photo names another); where that file is
-    not there, the course's URL request; and where that URL cannot be fetched (no internet), a photo made here, so
-    the two tiers still show they answer."""
+    """The photo through the gateway: uploaded (the dataset's pants photo unless --photo names another); where that
+    file is not there, the course's URL request; and where that URL cannot be fetched (no internet), a photo made
+    here, so the two tiers still show they answer."""
     try:
         if photo is not None and photo.is_file():
             answer, source = _predict(gateway_url, photo.read_bytes(), "image/jpeg"), photo.name

@@ -189,7 +189,7 @@ def test_the_trained_model_on_the_arm64_pods_answers_test_photos_as_in_process(
 ):
     """The model trained here (notebook 00) in the arm64 LiteRT image (its model layer the only change), with the
     arm64 gateway, k8s/overlays/arm64 in a namespace of its own while the node is labelled arm64: through the
-    gateway's Service, under qemu, on three test photos of each class the top class of the model in process on
+    gateway's Service, under qemu, on one test photo of each class the top class of the model in process on
     amd64."""
     variables = [
         "PLATFORM=linux/arm64",
@@ -201,9 +201,9 @@ def test_the_trained_model_on_the_arm64_pods_answers_test_photos_as_in_process(
     images = {"zoomcamp-10-model-server-litert": MODEL_ARM64_TRAINED_IMAGE, "zoomcamp-10-gateway": arm64_images.gateway}
     with deploy(cluster, "arm64", images, tmp_path / "overlay") as trained:
         # One photo a request: under qemu on a busy machine, a batch of 8 outlasted the gateway's 10 s deadline.
-        report = real_answers.check_gateway(trained.url, dataset, per_class=3, per_request=1)
+        report = real_answers.check_gateway(trained.url, dataset, per_class=1, per_request=1)
     note(
         f"the arm64 pods with the trained model, under qemu: {report.correct} of {report.photos} test photos right, "
         f"logits within {report.largest_logit_difference:.2g} of amd64 TensorFlow's in process"
     )
-    assert report.photos == 30 and report.largest_logit_difference <= 1e-5 * report.largest_logit
+    assert report.photos == 10 and report.largest_logit_difference <= 1e-5 * report.largest_logit

@@ -120,7 +120,7 @@ def test_missing_model_and_busy_ports_are_explained(tmp_path, model_base, ports)
     assert unsaid.returncode == 1 and "no summary of the trained model at" in unsaid.stdout
 
 
-def test_make_demo_without_the_course_model_classifies_the_pants_photo_with_the_trained_model(tmp_path, ports):
+def test_make_demo_without_the_course_model_classifies_the_pants_photo_with_the_trained_model(dataset, tmp_path, ports):
     """The course model's download fails (here: a URL that refuses at once) and no MODEL_H5 is given: the demo
     says so, serves the small model trained here, converted into build/ (here tmp_path), says what it is and how
     well it does beside the course's model, classifies the course's pants photo as pants, and exits 0."""
@@ -150,7 +150,7 @@ def test_make_demo_without_the_course_model_classifies_the_pants_photo_with_the_
     assert "OFFLINE MODEL" in out and f"Top-1 on the 372 test photos: {test['accuracy']:.1%}" in out
     assert f"{summary['recipe']['epochs']} epochs in {minutes:.0f} min ({summary['machine']})" in out
     assert "The course's Xception, fine-tuned from ImageNet weights: 89.4% on validation" in out
-    assert "classified pants.jpg with clothing-model version 1" in out and "\n  1. pants " in out
+    assert f"classified {Path(PANTS).name} with clothing-model version 1" in out and "\n  1. pants " in out
     assert "For the course's model: get xception_v4_large_08_0.894.h5" in out and "make demo MODEL_H5=" in out
     assert (tmp_path / "trained" / "models" / "clothing-model" / "1" / "saved_model.pb").is_file()
     assert not (tmp_path / "no-model").exists(), "the trained model never takes the course model's place"

@@ -25,7 +25,7 @@ from local_stack import PANTS_PHOTO
 from servers import running_model_server
 
 SCREENSHOT = ROOT / "build" / "page.png"
-PHOTO_WIDTH = 400  # docs/pants.jpg is 400x534, and the page previews the file itself
+PHOTO_WIDTH = 400  # the dataset's pants photo is 400x534, and the page previews the file itself
 # Without these, chromium on a machine with no internet tries its background services and logs the failures.
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -77,7 +77,7 @@ def test_the_page_is_self_contained_and_forbids_loading_anything_else(served):
     assert "<link" not in html and 'src="http' not in html
 
 
-def test_a_chosen_photo_becomes_a_chart_that_matches_the_api(served, browser, tmp_path):
+def test_a_chosen_photo_becomes_a_chart_that_matches_the_api(dataset, served, browser, tmp_path):
     photo = tmp_path / "pants.jpg"
     photo.write_bytes(PANTS_PHOTO.read_bytes())
     expected = requests.post(
@@ -121,7 +121,7 @@ DROP = """bytes => {
 }"""
 
 
-def test_a_photo_dropped_on_the_page_is_classified(served, browser):
+def test_a_photo_dropped_on_the_page_is_classified(dataset, served, browser):
     """Drag and drop as a browser delivers it: dragenter marks the drop zone, the drop carries the file."""
     data = PANTS_PHOTO.read_bytes()
     expected = requests.post(f"{served.url}/predict?detail=1", files={"image": data}, timeout=30).json()
