@@ -487,16 +487,17 @@ def make_build(context: Path, target: str, image: str, variables: list[str], kin
     return time.monotonic() - started
 
 
+def build_litert(context: Path, image: str) -> float:
+    """`make build-model MODEL_SERVER=litert` in `context` (a repository_context) on python_base(), tagged `image`."""
+    variables = ["MODEL_SERVER=litert", f"PYTHON_IMAGE={python_base()}", f"MODEL_SERVER_LITERT_IMAGE={image}"]
+    return make_build(context, "build-model", image, variables, "image")
+
+
 @pytest.fixture(scope="session")
 def litert_image(model_context) -> str:
     """Our model-server image on LiteRT (no TensorFlow), with the converted stand-in baked in, built by the
     Makefile's target."""
-    variables = [
-        "MODEL_SERVER=litert",
-        f"PYTHON_IMAGE={python_base()}",
-        f"MODEL_SERVER_LITERT_IMAGE={LITERT_TEST_IMAGE}",
-    ]
-    seconds = make_build(model_context, "build-model", LITERT_TEST_IMAGE, variables, "image")
+    seconds = build_litert(model_context, LITERT_TEST_IMAGE)
     note(f"LiteRT model-server image: {image_size_mb(LITERT_TEST_IMAGE):.0f} MB, built in {seconds:.0f} s")
     return LITERT_TEST_IMAGE
 
@@ -524,12 +525,7 @@ def trained_model_server_image(trained_context) -> str:
 @pytest.fixture(scope="session")
 def trained_litert_image(trained_context) -> str:
     """Our model-server image on LiteRT with the trained model's model.tflite, built by the Makefile's target."""
-    variables = [
-        "MODEL_SERVER=litert",
-        f"PYTHON_IMAGE={python_base()}",
-        f"MODEL_SERVER_LITERT_IMAGE={TRAINED_LITERT_TEST_IMAGE}",
-    ]
-    seconds = make_build(trained_context, "build-model", TRAINED_LITERT_TEST_IMAGE, variables, "image")
+    seconds = build_litert(trained_context, TRAINED_LITERT_TEST_IMAGE)
     note(f"LiteRT model-server image with the trained model: built in {seconds:.0f} s")
     return TRAINED_LITERT_TEST_IMAGE
 
