@@ -127,6 +127,14 @@ def test_batches_average_as_the_model_does_and_augment_for_training_only(network
     )
 
 
+def test_augmentation_without_turns_zooms_or_shifts_mirrors_some_photos_and_leaves_the_others():
+    x = np.random.default_rng(7).uniform(-1, 1, (16, 2 * SIZE, 2 * SIZE, 3)).astype(np.float32)
+    y = training.augmenter(rotation=0.0, zoom=0.0, shift=0.0, seed=2)(x).numpy()
+    unchanged = [np.array_equal(a, b) for a, b in zip(y, x, strict=True)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(y, x, strict=True)]
+    assert all(u or m for u, m in zip(unchanged, mirrored, strict=True)) and 0 < sum(unchanged) < len(x)
+
+
 def test_scores_count_rights_per_class_and_the_confusions():
     labels = np.array([0, 0, 1, 1, 1, 2])
     logits = np.eye(len(CLASSES))[[0, 1, 1, 1, 0, 2]]
