@@ -103,7 +103,7 @@ LOCAL_STACK_PORTS = --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-
 
 .PHONY: train trained-model
 
-train: $(ENV_STAMP) ## Train the small offline model on the course's photos (notebook 00: 49 min here; CLOTHING_DATASET=folder)
+train: $(ENV_STAMP) ## Train the small offline model on the course's photos (notebook 00: 33 min here; CLOTHING_DATASET=folder)
 	@mkdir -p build/notebooks
 	@$(RUN) papermill notebooks/00-train-a-small-model.ipynb build/notebooks/00-train-a-small-model.ipynb --cwd . \
 	  -p dataset_dir "$(CLOTHING_DATASET)" -p output_h5 $(TRAINED_H5) --log-output --no-progress-bar || { \
@@ -330,13 +330,16 @@ bench-model-server: $(ENV_STAMP) ## Benchmark model_server.py on TensorFlow and 
 # Each writes bench/<name>.md and bench/<name>.json (git-ignored); bench/README.md says what each holds.
 # QUICK=1: smoke runs with small counts. SKIP_INSTALL_SIZE=1: no pip install of [packages] (needs PyPI).
 
-.PHONY: bench-gateway bench-load bench-wire bench
+.PHONY: bench-gateway bench-load bench-wire bench-litert-conversions bench
 
 bench-load: $(ENV_STAMP) ## The gateway on `make serve` defaults, 1 to 64 clients and 0.5x to 3x capacity (bench/load.md, load.png; SWEEP=1: other admission settings)
 	$(RUN) python bench/bench_load.py $(if $(QUICK),--quick) $(if $(SWEEP),--sweep)
 
 bench-wire: $(ENV_STAMP) ## The whole stack with float32 or uint8 between the tiers: bytes, CPU per request, throughput at 8 clients (bench/wire.md)
 	$(RUN) python bench/bench_wire.py $(if $(QUICK),--quick)
+
+bench-litert-conversions: $(ENV_STAMP) ## TensorFlow against LiteRT per image, the model converted five ways (bench/litert_conversions.md; not part of make bench)
+	$(RUN) python bench/bench_litert_conversions.py $(if $(QUICK),--quick)
 
 bench-gateway: $(ENV_STAMP) ## Gateway vs direct Predict and the course's approach, draft mode, install size, import time (bench/gateway.md)
 	$(RUN) python bench/bench_gateway.py $(if $(QUICK),--quick) $(if $(SKIP_INSTALL_SIZE),--skip-install-size)

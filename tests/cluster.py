@@ -115,17 +115,20 @@ def cluster() -> SimpleNamespace:
 TEST_CPU_REQUEST = "100m"
 
 
-def render(overlay: str, minor: int, images: dict[str, str], folder: Path) -> str:
+def render(overlay: str, minor: int, images: dict[str, str], folder: Path, gateway_env: dict | None = None) -> str:
     """The overlay as the suite applies it: its images set to the ones the suite built, its CPU requests scaled down
     to fit one small node (TEST_CPU_REQUEST), for a cluster older than 1.21 the apiVersions it serves
     (k8s/components/kubernetes-1.20), and the gateway's node port left to the cluster to pick: kind's overlays map
     30096 to the laptop's 9696, and two namespaces here may hold one of them at once. Nothing else changes
-    (test_the_suite_changes_only_the_cpu_requests_the_images_and_the_node_port checks it)."""
+    (test_the_suite_changes_only_the_cpu_requests_the_images_and_the_node_port checks it), but for `gateway_env`,
+    variables added to the gateway's environment where a test says why."""
     components = ["kubernetes-1.20"] if minor < 21 else []
     request = {"op": "replace", "path": "/spec/template/spec/containers/0/resources/requests/cpu"}
     node_port = {"target": {"kind": "Service", "name": "gateway"}, "patch": json.dumps(
         [{"op": "remove", "path": "/spec/ports/0/nodePort"}]
     )} if "nodePort" in _rendered(ROOT / "k8s" / "overlays" / overlay) else None  # fmt: skip
+    env = "/spec/template/spec/containers/0/env/-"
+    added = [{"op": "add", "path": env, "value": {"name": k, "value": v}} for k, v in (gateway_env or {}).items()]
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -138,6 +141,7 @@ def render(overlay: str, minor: int, images: dict[str, str], folder: Path) -> st
         "patches": [
             {"target": {"kind": "Deployment"}, "patch": json.dumps([{**request, "value": TEST_CPU_REQUEST}])},
             *([node_port] if node_port else []),
+            *([{"target": {"kind": "Deployment", "name": GATEWAY}, "patch": json.dumps(added)}] if added else []),
         ],
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,6 +293,33 @@ class ModelTraffic:
             if len(shares) == replicas and min(shares.values()) >= at_least:
                 return time.monotonic() - started
             assert time.monotonic() - started < timeout, f"after {timeout:.0f} s the shares are {shares}"
+
+
+class ContainerStops:
+    """How a namespace's containers of one name stop, as Docker records it while this watches: each pod's exit code
+    and the signals its container was sent. The kubelet (dockershim) stops a container with `docker stop`: SIGTERM,
+    then SIGKILL if the grace period runs out."""
+
+    def __init__(self, namespace: str, container: str):
+        labels = [f"label=io.kubernetes.pod.namespace={namespace}", f"label=io.kubernetes.container.name={container}"]
+        filters = ["type=container", "event=kill", "event=die", *labels]
+        command = ["docker", "events", "--format", "{{json .}}", *(f for one in filters for f in ("--filter", one))]
+        self._events = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, dict]:
+        """{pod: {"signals": [...], "exit_code": N or None}} for every container that was sent a signal or died."""
+        self._events.terminate()
+        shown, _ = self._events.communicate(timeout=30)
+        stops: dict[str, dict] = {}
+        for line in shown.splitlines():
+            event = json.loads(line)
+            attributes = event["Actor"]["Attributes"]
+            stop = stops.setdefault(attributes["io.kubernetes.pod.name"], {"signals": [], "exit_code": None})
+            if event["Action"] == "kill":
+                stop["signals"].append(int(attributes["signal"]))
+            elif event["Action"] == "die":
+                stop["exit_code"] = int(attributes["exitCode"])
+        return stops
 
 
 def failures_report(outcomes, since: float) -> str:

@@ -562,6 +562,16 @@ def reference(standin_keras):
     return standin_keras(course_batch(PHOTO), training=False).numpy()[0]
 
 
+@pytest.fixture(scope="session")
+def trained_reference():
+    """The logits of the model trained here (trained/clothing-small.h5, read by tf-keras) for PHOTO, preprocessed by
+    keras-image-helper: what every tier serving that model must answer for it."""
+    import training
+    from conftest import TRAINED_H5
+
+    return training.load_h5(TRAINED_H5)(course_batch(PHOTO), training=False).numpy()[0]
+
+
 def course_batch(photo: bytes):
     """keras-image-helper's xception preprocessing of a photo: the course's batch of one, float32."""
     import io

@@ -59,3 +59,14 @@ def test_every_benchmark_runs_in_quick_mode_and_the_report_gathers_them(model_ba
 def _reports_in_bench() -> dict[str, int]:
     """bench/'s reports as they are (name -> modification time): what a learner's own runs left there."""
     return {path.name: path.stat().st_mtime_ns for path in (ROOT / "bench").glob("*.json")}
+
+
+def test_the_litert_conversion_probe_times_every_conversion_in_quick_mode(tmp_path):
+    """bench_litert_conversions.py --quick (the small stand-in): TensorFlow and each of the five conversions timed,
+    the batch-fixed one at batch 1 only. It sets no target, so it stays out of the report."""
+    run_bench("bench_litert_conversions.py", ["--quick"], {**os.environ, "BENCH_OUTPUT": str(tmp_path)})
+    rows = json.loads((tmp_path / "litert_conversions.json").read_text())["rows"]
+    assert [row["runtime"].split(",")[0] for row in rows] == ["TensorFlow"] + ["LiteRT"] * 5
+    assert [sorted(row["ms"]) for row in rows] == [["1", "8"]] * 3 + [["1"]] + [["1", "8"]] * 2
+    assert all(value > 0 for row in rows for value in row["ms"].values())
+    assert (tmp_path / "litert_conversions.md").read_text().startswith("# ")

@@ -1,5 +1,6 @@
-"""The manifests on a real Kubernetes (tests/cluster.py): k8s/overlays/litert, our model server on LiteRT and the
-gateway, applied with kubectl to the cluster and run by its kubelet on this machine's Docker engine.
+"""The manifests on a real Kubernetes (tests/cluster.py): k8s/overlays/litert, our model server on LiteRT with the
+model trained here and the gateway, applied with kubectl to the cluster and run by its kubelet on this machine's
+Docker engine.
 
 What only a control plane shows is tested here: rollouts of either tier under load, the kubelet's probes, limits
 and stops, Services and their DNS names, scaling and a killed model pod, scheduling on an extended resource,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 
@@ -26,6 +28,7 @@ from cluster import (
     KUBECTL,
     MODEL,
     Api,
+    ContainerStops,
     ModelTraffic,
     check_containers_as_declared,
     deploy,
@@ -52,10 +55,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.docker]
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
-    """k8s/overlays/litert in a namespace of its own, rolled out; removed with the namespace afterwards. Our model
-    server on LiteRT is ready a second after it starts, so rollouts and scale-ups wait on the cluster, not on it."""
-    images = {"zoomcamp-10-model-server-litert": litert_image, "zoomcamp-10-gateway": gateway_image}
+def deployed(cluster, gateway_image, trained_litert_image, tmp_path_factory):
+    """k8s/overlays/litert in a namespace of its own, with the model trained here (notebook 00), rolled out; removed
+    with the namespace afterwards. Our model server on LiteRT is ready a second after it starts, so rollouts and
+    scale-ups wait on the cluster, not on it."""
+    images = {"zoomcamp-10-model-server-litert": trained_litert_image, "zoomcamp-10-gateway": gateway_image}
     with deploy(cluster, "litert", images, tmp_path_factory.mktemp("overlay")) as running:
         yield running
 
@@ -63,15 +67,10 @@ def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
 # ---- the tests ----------------------------------------------------------------------------------------------
 
 
-def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
-    dataset, cluster, gateway_image, trained_litert_image, tmp_path
-):
-    """The model trained here (notebook 00) in our LiteRT model-server image, k8s/overlays/litert in a namespace of
-    its own: through the gateway's Service, on each of the 372 test photos the top class of the model in process,
-    and the accuracy notebook 00 reported."""
-    images = {"zoomcamp-10-model-server-litert": trained_litert_image, "zoomcamp-10-gateway": gateway_image}
-    with deploy(cluster, "litert", images, tmp_path / "overlay") as trained:
-        report = real_answers.check_gateway(trained.url, dataset)
+def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(dataset, deployed):
+    """Through the gateway's Service, on each of the 372 test photos the top class of the model in process, and
+    the accuracy notebook 00 reported."""
+    report = real_answers.check_gateway(deployed.url, dataset)
     print(
         f"the cluster with the trained model: {report.correct} of {report.photos} test photos right "
         f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
@@ -79,11 +78,11 @@ def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
     assert report.photos == 372 and report.largest_logit_difference <= 1e-5 * report.largest_logit
 
 
-def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, reference):
+def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, trained_reference):
     status, headers, answer = predict(deployed.url)
     assert status == 200, answer
     served = np.array([answer[name] for name in contract.CLASSES], dtype=np.float32)
-    assert np.abs(served - reference).max() <= 1e-4
+    assert np.abs(served - trained_reference).max() <= 1e-4
     status, _, readiness = call("GET", f"{deployed.url}/readyz")
     assert status == 200 and "AVAILABLE" in readiness["detail"]
 
@@ -120,20 +119,28 @@ def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas
     assert len(grown) == 2 and all(0.45 <= g / sum(grown) <= 0.55 for g in grown), grown
 
 
-def test_a_rolling_update_of_the_gateway_under_load_answers_every_request(deployed):
-    """kubectl rollout restart while clients post photos through the Service: the old pods leave the Service during
-    their preStop, then drain; every request gets its answer."""
+def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_request(deployed):
+    """kubectl rollout restart of the gateways while clients post photos through the Service, each on a keep-alive
+    connection (which stays with its pod after the pod leaves the Service): every request is answered 200, before,
+    during and after the rollout, and each old gateway exits 0 on SIGTERM, without a SIGKILL (Docker's record)."""
     namespace = deployed.namespace
     before = {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}
-    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=5000, max_seconds=300).start()
-    wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+    stops = ContainerStops(namespace, GATEWAY)
+    load = keep_alive_load(deployed)
+    restarted = time.monotonic()
     kubectl("rollout", "restart", "-n", namespace, f"deployment/{GATEWAY}")
     rollout(namespace, GATEWAY)
     wait_for(lambda: not before & {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}, 120, "the old pods gone")
-    outcomes = load.stop()
-    failed = [o for o in outcomes if o.status != 200]
-    print(f"rolling update under load: {len(outcomes)} requests, {len(failed)} not answered 200")
-    assert not failed, failed[:5]
+    gone = time.monotonic()
+    time.sleep(3)
+    outcomes = sorted(load.stop(), key=lambda o: o.started)
+    stopped = stops.stop()
+    report = failures_report(outcomes, restarted)
+    print(f"gateway rollout under keep-alive load: {report}; old pods gone after {gone - restarted:.0f} s; {stopped}")
+    assert outcomes[-1].ended > gone, "the load ended before the rollout did"
+    assert all(o.status == 200 for o in outcomes), report
+    assert before <= set(stopped), f"Docker recorded no stop of {before - set(stopped)}"
+    assert all(stopped[pod] == {"signals": [signal.SIGTERM], "exit_code": 0} for pod in before), stopped
 
 
 def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer_503(deployed):

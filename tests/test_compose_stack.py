@@ -90,8 +90,9 @@ def compose_stack(files: list[str], images: dict[str, str], photo_port: int):
 
 
 @pytest.fixture(scope="module")
-def stack(gateway_image, model_server_image, photo_server):
-    images = {"MODEL_SERVER_IMAGE": model_server_image, "GATEWAY_IMAGE": gateway_image}
+def stack(gateway_image, trained_model_server_image, photo_server):
+    """The compose files with our model-server image holding the model trained here (notebook 00)."""
+    images = {"MODEL_SERVER_IMAGE": trained_model_server_image, "GATEWAY_IMAGE": gateway_image}
     with compose_stack(COMPOSE_FILES, images, photo_server) as running:
         yield running
 
@@ -208,15 +209,12 @@ def test_notebook_05_takes_the_courses_docker_steps(
     assert not left, f"notebook 05 left {left}"
 
 
-def test_the_trained_model_answers_every_test_photo_as_in_process(
-    dataset, gateway_image, trained_model_server_image, photo_server
-):
-    """The model trained here (notebook 00) in our model-server image, behind a composed gateway: on each of the
-    372 test photos the top class of the model in process, and the accuracy notebook 00 reported."""
-    images = {"MODEL_SERVER_IMAGE": trained_model_server_image, "GATEWAY_IMAGE": gateway_image}
-    with compose_stack(COMPOSE_FILES, images, photo_server) as stack:
-        (url,) = stack.gateway_urls()
-        report = real_answers.check_gateway(url, dataset)
+def test_the_trained_model_answers_every_test_photo_as_in_process(dataset, stack):
+    """The model trained here behind the composed gateway: on each of the 372 test photos the top class of the
+    model in process, and the accuracy notebook 00 reported."""
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300")  # as compose-up leaves it, whatever ran before
+    (url,) = stack.gateway_urls()
+    report = real_answers.check_gateway(url, dataset)
     note(
         f"compose with the trained model: {report.correct} of {report.photos} test photos right "
         f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
