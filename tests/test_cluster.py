@@ -249,6 +249,9 @@ def test_a_rollout_of_the_model_tier_under_keep_alive_load_loses_nothing(deploye
     keep-alive connection: every request is answered 200, before, during and after the rollout."""
     namespace = deployed.namespace
     scale(namespace, MODEL, replicas)
+    # The rollout starts from a settled tier: every gateway has had the time to learn each replica (DNS cache, then
+    # a lookup). A scale-up under load is the next test's subject.
+    time.sleep(DISCOVERY_SECONDS if replicas > 1 else 0)
     load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=600, keep_alive=True)
     load.start()
     wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
