@@ -1,6 +1,5 @@
-"""The manifests on a real Kubernetes (tests/cluster.py): k8s/overlays/litert, our model server on LiteRT with the
-model trained here and the gateway, applied with kubectl to the cluster and run by its kubelet on this machine's
-Docker engine.
+"""The manifests on a real Kubernetes (tests/cluster.py): k8s/overlays/litert, our model server on LiteRT and the
+gateway, applied with kubectl to the cluster and run by its kubelet on this machine's Docker engine.
 
 What only a control plane shows is tested here: rollouts of either tier under load, the kubelet's probes, limits
 and stops, Services and their DNS names, scaling and a killed model pod, scheduling on an extended resource,
@@ -55,11 +54,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.docker]
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster, gateway_image, trained_litert_image, tmp_path_factory):
-    """k8s/overlays/litert in a namespace of its own, with the model trained here (notebook 00), rolled out; removed
-    with the namespace afterwards. Our model server on LiteRT is ready a second after it starts, so rollouts and
-    scale-ups wait on the cluster, not on it."""
-    images = {"zoomcamp-10-model-server-litert": trained_litert_image, "zoomcamp-10-gateway": gateway_image}
+def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
+    """k8s/overlays/litert in a namespace of its own, rolled out; removed with the namespace afterwards. Our model
+    server on LiteRT is ready a second after it starts, so rollouts and scale-ups wait on the cluster, not on it.
+    (With the model trained here in it instead, two of three runs failed at a scale-up: issue 29's note.)"""
+    images = {"zoomcamp-10-model-server-litert": litert_image, "zoomcamp-10-gateway": gateway_image}
     with deploy(cluster, "litert", images, tmp_path_factory.mktemp("overlay")) as running:
         yield running
 
@@ -67,10 +66,15 @@ def deployed(cluster, gateway_image, trained_litert_image, tmp_path_factory):
 # ---- the tests ----------------------------------------------------------------------------------------------
 
 
-def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(dataset, deployed):
-    """Through the gateway's Service, on each of the 372 test photos the top class of the model in process, and
-    the accuracy notebook 00 reported."""
-    report = real_answers.check_gateway(deployed.url, dataset)
+def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
+    dataset, cluster, gateway_image, trained_litert_image, tmp_path
+):
+    """The model trained here (notebook 00) in our LiteRT model-server image, k8s/overlays/litert in a namespace of
+    its own: through the gateway's Service, on each of the 372 test photos the top class of the model in process,
+    and the accuracy notebook 00 reported."""
+    images = {"zoomcamp-10-model-server-litert": trained_litert_image, "zoomcamp-10-gateway": gateway_image}
+    with deploy(cluster, "litert", images, tmp_path / "overlay") as trained:
+        report = real_answers.check_gateway(trained.url, dataset)
     print(
         f"the cluster with the trained model: {report.correct} of {report.photos} test photos right "
         f"({report.accuracy:.1%}), logits within {report.largest_logit_difference:.2g} of the model in process"
@@ -78,11 +82,11 @@ def test_the_trained_model_answers_every_test_photo_through_the_gateway_service(
     assert report.photos == 372 and report.largest_logit_difference <= 1e-5 * report.largest_logit
 
 
-def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, trained_reference):
+def test_a_photo_uploaded_through_the_gateway_service_is_answered(deployed, reference):
     status, headers, answer = predict(deployed.url)
     assert status == 200, answer
     served = np.array([answer[name] for name in contract.CLASSES], dtype=np.float32)
-    assert np.abs(served - trained_reference).max() <= 1e-4
+    assert np.abs(served - reference).max() <= 1e-4
     status, _, readiness = call("GET", f"{deployed.url}/readyz")
     assert status == 200 and "AVAILABLE" in readiness["detail"]
 
@@ -249,9 +253,6 @@ def test_a_rollout_of_the_model_tier_under_keep_alive_load_loses_nothing(deploye
     keep-alive connection: every request is answered 200, before, during and after the rollout."""
     namespace = deployed.namespace
     scale(namespace, MODEL, replicas)
-    # The rollout starts from a settled tier: every gateway has had the time to learn each replica (DNS cache, then
-    # a lookup). A scale-up under load is the next test's subject.
-    time.sleep(DISCOVERY_SECONDS if replicas > 1 else 0)
     load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=600, keep_alive=True)
     load.start()
     wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
