@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +37,7 @@ def standin_h5(tmp_path_factory) -> Path:
     """The course-shaped stand-in model, saved as Keras-2 HDF5 (see tests/standin.py)."""
     from standin import save_standin_h5
 
-    return save_standin_h5(tmp_path_factory.mktemp("standin") / "standin.h5")
+    return made_once(tmp_path_factory, "standin", lambda folder: save_standin_h5(folder / "standin.h5")) / "standin.h5"
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +51,8 @@ def standin_keras(standin_h5):
 @pytest.fixture(scope="session")
 def converted(standin_h5, tmp_path_factory) -> SimpleNamespace:
     """Notebook 01 run by papermill on the stand-in, as `make model` runs it on the course model."""
-    import papermill
-
-    work = tmp_path_factory.mktemp("converted")
-    base = work / "models" / MODEL_NAME
-    executed = work / "01-convert-model.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOKS / "01-convert-model.ipynb"),
-        str(executed),
-        parameters={"model_h5": str(standin_h5), "output_base": str(base), "version": 1},
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
+    work = made_once(tmp_path_factory, "converted", lambda work: _convert(standin_h5, work))
+    base, executed = work / "models" / MODEL_NAME, work / "01-convert-model.ipynb"
     return SimpleNamespace(base=base, version_dir=base / "1", notebook=executed, result=tagged_result(executed))
 
 
@@ -73,18 +65,37 @@ def model_base(converted) -> Path:
 @pytest.fixture(scope="session")
 def trained_model_base(tmp_path_factory) -> Path:
     """The trained model converted by notebook 01 (as `make trained-model` does) into a TF Serving base directory."""
+    return made_once(tmp_path_factory, "trained", lambda work: _convert(TRAINED_H5, work)) / "models" / MODEL_NAME
+
+
+def _convert(h5: Path, work: Path) -> None:
+    """Notebook 01 on `h5`: version 1 in <work>/models/clothing-model, the executed notebook beside it."""
     import papermill
 
-    work = tmp_path_factory.mktemp("trained")
-    base = work / "models" / MODEL_NAME
     papermill.execute_notebook(
         str(NOTEBOOKS / "01-convert-model.ipynb"),
         str(work / "01-convert-model.ipynb"),
-        parameters={"model_h5": str(TRAINED_H5), "output_base": str(base), "version": 1},
+        parameters={"model_h5": str(h5), "output_base": str(work / "models" / MODEL_NAME), "version": 1},
         cwd=str(ROOT),
         progress_bar=False,
     )
-    return base
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder of the run's that `make(folder)` fills once: the workers of `pytest -n` share it (the first to ask
+    makes it, the others wait for it), so a conversion that both need runs once. Nothing may change it afterwards."""
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = run.parent  # each worker's folder is inside the run's
+    folder, done = run / f"made-once-{name}", run / f"made-once-{name}.done"
+    with open(run / f"made-once-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed to make it left it half made
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
