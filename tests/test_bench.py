@@ -47,6 +47,7 @@ def test_every_benchmark_runs_in_quick_mode_and_the_report_gathers_them(model_ba
         document = json.loads((tmp_path / f"{stem}.json").read_text())
         assert document["targets"], f"{script} recorded no targets"
         assert (tmp_path / f"{stem}.md").read_text().startswith("# "), script
+        assert not failed_requests(document), f"{script}: requests failed: {failed_requests(document)}"
     run_bench("report.py", [], env)
     report = json.loads((tmp_path / "report.json").read_text())
     assert {stem for _, _, stem in BENCHMARKS} <= {stem for stem, part in report["parts"].items() if part}
@@ -54,6 +55,39 @@ def test_every_benchmark_runs_in_quick_mode_and_the_report_gathers_them(model_ba
         len(json.loads((tmp_path / f"{stem}.json").read_text())["targets"]) for _, _, stem in BENCHMARKS
     )
     assert kept == _reports_in_bench(), "a quick run wrote into bench/"
+
+
+# The counts a benchmark keeps of requests that got no right answer. A shed request (503 overloaded) is an answer:
+# the load benchmark's overload rows exist to cause them, and it counts them apart (shed_share, errors by kind).
+FAILURE_COUNTS = ("errors", "other_errors", "no_answer")
+
+
+def failed_requests(document, where: str = "") -> dict[str, int]:
+    """Every failure count above zero in a benchmark's JSON, by where it is (the gateway benchmark stops at its
+    first failed request instead, so a failure there fails the run)."""
+    found = {}
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if key in FAILURE_COUNTS and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                found[f"{where}/{key}"] = value
+            found.update(failed_requests(value, f"{where}/{key}"))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            found.update(failed_requests(value, f"{where}[{index}]"))
+    return found
+
+
+def test_the_failure_check_finds_a_failed_request_in_each_benchmarks_report():
+    """failed_requests on reports shaped as the benchmarks write them: a failure anywhere is found, sheds are not."""
+    row = {"sent": 9, "shed_share": 0.5, "no_answer": 0, "other_errors": 0, "errors": {"503 overloaded": 4}}
+    load = {"rows": [row]}
+    assert failed_requests(load) == {}
+    assert failed_requests({"rows": [row | {"no_answer": 1}]}) == {"/rows[0]/no_answer": 1}
+    assert failed_requests({"rows": [row | {"other_errors": 2}]}) == {"/rows[0]/other_errors": 2}
+    server = {"results": {"standin": {"with_batching": [{"errors": 0}, {"errors": 3, "first_error": "UNAVAILABLE"}]}}}
+    assert failed_requests(server) == {"/results/standin/with_batching[1]/errors": 3}
+    wire = {"paths": {"float32": {"errors": 1}, "uint8": {"errors": 0}}}
+    assert failed_requests(wire) == {"/paths/float32/errors": 1}
 
 
 def _reports_in_bench() -> dict[str, int]:
