@@ -60,6 +60,24 @@ def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
         yield running
 
 
+@pytest.fixture(autouse=True)
+def settled(request):
+    """Before each test of the module's deployment, the state it starts from, whichever tests ran before it or were
+    left out (-k, --lf, another order): one model replica, the HPA's two gateways, every pod Ready and no gateway
+    stopping. After the test before it put things back, this only looks."""
+    if "deployed" not in request.fixturenames:
+        return
+    namespace = request.getfixturevalue("deployed").namespace
+    scale(namespace, MODEL, 1)
+    rollout(namespace, GATEWAY)
+
+    def two_gateways_ready() -> bool:
+        gateways = pods(namespace, GATEWAY)  # stopping ones too
+        return len(gateways) == 2 and all(ready(p) for p in gateways)
+
+    wait_for(two_gateways_ready, 180, "two gateways Ready and none stopping", 0.5)
+
+
 # ---- the tests ----------------------------------------------------------------------------------------------
 
 
