@@ -47,7 +47,8 @@ def test_every_benchmark_runs_in_quick_mode_and_the_report_gathers_them(model_ba
         document = json.loads((tmp_path / f"{stem}.json").read_text())
         assert document["targets"], f"{script} recorded no targets"
         assert (tmp_path / f"{stem}.md").read_text().startswith("# "), script
-        assert not failed_requests(document), f"{script}: requests failed: {failed_requests(document)}"
+        failures = failed_requests(document)
+        assert not failures, f"{script}: requests failed: {failures}"
     run_bench("report.py", [], env)
     report = json.loads((tmp_path / "report.json").read_text())
     assert {stem for _, _, stem in BENCHMARKS} <= {stem for stem, part in report["parts"].items() if part}
