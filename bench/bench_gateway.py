@@ -574,7 +574,7 @@ def main() -> None:
     (OUTPUT / "gateway.json").write_text(json.dumps(document, indent=2) + "\n")
     (OUTPUT / "gateway.md").write_text(markdown)
     print(markdown)
-    print(f"wrote bench/gateway.md and bench/gateway.json in {document['seconds']} s")
+    print(f"wrote {OUTPUT / 'gateway.md'} and gateway.json in {document['seconds']} s")
 
 
 if __name__ == "__main__":

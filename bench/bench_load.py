@@ -433,7 +433,7 @@ def main() -> None:
     text = report(results, f"{stem}.png")
     (OUTPUT / f"{stem}.md").write_text(text)
     print(text)
-    print(f"wrote bench/{stem}.md, bench/{stem}.json and bench/{stem}.png")
+    print(f"wrote {OUTPUT / stem}.md, {stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def main() -> None:
     results["paths"] = {
         wire: {"bytes_per_image": sizes[wire], **summarise(runs[wire], options["seconds"])} for wire in WIRES
     }
+    unanswered = [wire for wire in WIRES if not results["paths"][wire]["per_s"]]
+    if unanswered:  # no ratio to give: say so instead of dividing by zero
+        raise SystemExit(f"bench_wire: no request on the {' or '.join(unanswered)} path answered: {results['paths']}")
     ratio = results["paths"]["uint8"]["per_s"] / results["paths"]["float32"]["per_s"]
     name = f"whole stack at {CLIENTS} clients: uint8 ÷ float32 throughput"
     results["targets"] = [target(name, ratio, "x", 1.15, at_most=False)]
@@ -177,7 +180,7 @@ def main() -> None:
     text = report(results)
     (OUTPUT / "wire.md").write_text(text)
     print(text)
-    print("wrote bench/wire.md and bench/wire.json")
+    print(f"wrote {OUTPUT / 'wire.md'} and wire.json")
 
 
 if __name__ == "__main__":
