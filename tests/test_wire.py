@@ -91,7 +91,8 @@ def test_logits_through_both_paths_agree_within_1e_5(model_server, photo_folder)
             assert prediction.wire == wire
             assert prediction.signature == (UINT8_SIGNATURE_NAME if wire == "uint8" else SIGNATURE_NAME)
             logits[wire].append(prediction.logits)
-        # The course's preprocessing (float32, scaled in numpy) sends what the float32 path sent.
+        # The gateway's own float32 tensor (gateway.preprocess: Xception's scaling done in numpy) sends what the
+        # float32 path sent. keras-image-helper, the course's preprocessing, is compared in the tests of tiers.
         course = np.stack([gateway.preprocess(p.read_bytes(), settings) for p in chunk])
         logits["course"].append(clients["auto"].predict(course).logits)
     by_pixels, by_floats, by_course = (np.concatenate(logits[k]) for k in ("uint8", "float32", "course"))
