@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 
 import psutil
@@ -25,13 +27,17 @@ def quick_run(model_base, photo_folder, tmp_path_factory):
     import papermill
 
     out = tmp_path_factory.mktemp("experiments")
+    # The converted model is shared by both workers; a hard-linked copy gives this notebook's model servers
+    # a path of their own, so the last test finds them and not another test's servers.
+    own_base = out / "model"
+    shutil.copytree(model_base, own_base, copy_function=os.link)
     started = time.monotonic()
     papermill.execute_notebook(
         str(NOTEBOOKS / "03-grpc-experiments.ipynb"),
         str(out / "03-grpc-experiments.ipynb"),
         parameters={
             "mode": "quick",
-            "model_base_path": str(model_base),
+            "model_base_path": str(own_base),
             "dataset": str(photo_folder),
             "output_dir": str(out),
         },
@@ -39,7 +45,7 @@ def quick_run(model_base, photo_folder, tmp_path_factory):
         progress_bar=False,
     )
     print(f"notebook 03, quick mode: {time.monotonic() - started:.0f} s")
-    return out, json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text()), own_base
 
 
 def _leaves(value, path=""):
@@ -52,7 +58,7 @@ def _leaves(value, path=""):
 
 
 def test_every_experiment_has_positive_numbers_and_a_figure(quick_run):
-    out, results = quick_run
+    out, results, _ = quick_run
     assert set(results["experiments"]) == set(EXPERIMENTS)
     for name in EXPERIMENTS:
         experiment = results["experiments"][name]
@@ -67,7 +73,7 @@ def test_every_experiment_has_positive_numbers_and_a_figure(quick_run):
 
 
 def test_each_experiment_covers_what_it_compares(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     experiments = results["experiments"]
     assert set(experiments["encoding"]["numbers"]["encoders"]) == {
         "tensor_content (ours)",
@@ -91,20 +97,22 @@ def test_each_experiment_covers_what_it_compares(quick_run):
 
 
 def test_the_results_state_the_mode_and_the_cpu_budget(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     assert results["mode"] == "quick"
     assert results["machine"]["usable_cores"] >= 1 and results["machine"]["cpu"] and results["machine"]["date"]
     assert results["experiments"]["gateway_processes"]["cpu_cores"] == results["machine"]["usable_cores"]
     assert results["model"]
 
 
-def test_the_notebook_stops_the_model_servers_it_started(quick_run, model_base):
+def test_the_notebook_stops_the_model_servers_it_started(quick_run):
+    _, _, own_base = quick_run
+
     def serving_ours(process):
         try:
             command = " ".join(process.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
-        return "model_server.py" in command and str(model_base) in command
+        return "model_server.py" in command and str(own_base) in command
 
     left = [p.pid for p in psutil.process_iter() if serving_ours(p)]
     assert not left, f"model servers still running after the notebook: {left}"
