@@ -222,6 +222,30 @@ def container_of(namespace: str, pod: str, name: str) -> str:
     return found[0]
 
 
+@contextlib.contextmanager
+def frozen(namespace: str, pod: str, name: str):
+    """Every process of a pod's container stopped with SIGSTOP from the host, as a hung server would be: it keeps
+    its sockets, so connections open and then nothing answers. Let go (SIGCONT) on the way out if still there."""
+    import psutil
+
+    root = int(run(["docker", "inspect", "-f", "{{.State.Pid}}", container_of(namespace, pod, name)]).stdout)
+    processes = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    for process in processes:
+        process.suspend()
+    try:
+        yield len(processes)
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+
+
+def service_addresses(namespace: str, service: str) -> list[str]:
+    """The pod addresses a Service sends to now: its endpoints that are Ready."""
+    endpoints = kubectl_json("get", "endpoints", service, "-n", namespace)
+    return [a["ip"] for s in endpoints.get("subsets") or [] for a in s.get("addresses", [])]
+
+
 def predict(url: str):
     return call("POST", f"{url}/predict", data=PHOTO, headers={"Content-Type": "image/jpeg"})
 

@@ -31,6 +31,7 @@ from cluster import (
     deploy,
     failed_attempts,
     failures_report,
+    frozen,
     keep_alive_load,
     kubectl,
     kubectl_json,
@@ -42,6 +43,7 @@ from cluster import (
     render,
     rollout,
     scale,
+    service_addresses,
     wait_for,
 )
 from conftest import ROOT, execute_notebook, tagged_result
@@ -360,6 +362,46 @@ def test_a_killed_model_pod_fails_at_most_the_calls_in_flight_on_it(deployed):
     print(f"killed model pod: {failures_report(outcomes, killed)}")
     assert len(failed) <= load.clients, failures_report(outcomes, killed)
     assert all(o.started < killed + 1 for o in failed), failures_report(outcomes, killed)
+
+
+def test_a_hung_gateway_is_taken_out_of_the_service_and_restarted_by_its_liveness_probe(deployed):
+    """One gateway's processes all stopped under load (SIGSTOP: it accepts connections and never answers). Its
+    readiness probe takes it out of the Service, its liveness probe has the kubelet restart the container, and
+    it comes back Ready. Only requests sent to it before it left the Service fail; every later one is answered."""
+    namespace = deployed.namespace
+    victim = min(pods(namespace, GATEWAY), key=lambda p: p["metadata"]["name"])
+    name, address = victim["metadata"]["name"], victim["status"]["podIP"]
+
+    def container() -> tuple[dict, dict]:
+        pod = kubectl_json("get", "pod", name, "-n", namespace)
+        return pod, pod["status"]["containerStatuses"][0]
+
+    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=400).start()
+    try:
+        wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+        with frozen(namespace, name, "gateway") as processes:
+            hung = time.monotonic()
+            wait_for(lambda: address not in service_addresses(namespace, GATEWAY), 60, "the hung pod out", 0.2)
+            out = time.monotonic()
+            wait_for(lambda: container()[1]["restartCount"] >= 1, 180, "the kubelet's restart", 0.5)
+            restarted = time.monotonic()
+        wait_for(lambda: ready(container()[0]), 120, "the restarted gateway Ready")
+        back = time.monotonic()
+        time.sleep(2)
+    finally:
+        outcomes = sorted(load.stop(), key=lambda o: o.started)
+    pod, status = container()
+    print(f"hung gateway ({processes} processes): out of the Service after {out - hung:.0f} s, restarted after "
+          f"{restarted - hung:.0f} s, Ready after {back - hung:.0f} s; {failures_report(outcomes, hung)}")  # fmt: skip
+    unhealthy = kubectl_json("get", "events", "-n", namespace, "--field-selector",
+                             f"involvedObject.name={name},reason=Unhealthy")["items"]  # fmt: skip
+    assert any(e["message"].startswith("Liveness probe failed") for e in unhealthy), [e["message"] for e in unhealthy]
+    assert status["lastState"]["terminated"]["exitCode"] == 137, status["lastState"]  # SIGKILL: it could not drain
+    failed = [o for o in outcomes if o.status != 200]
+    assert all(o.started < out + 1 for o in failed), failures_report(outcomes, hung)  # kube-proxy's sync: 1 s
+    assert sum(o.started > out + 1 and o.ended < restarted for o in outcomes) >= 20, "little answered meanwhile"
+    assert outcomes[-1].started > back, "the load ended before the gateway was back"
+    kubectl("delete", "pod", name, "-n", namespace)  # the next test starts with no restart counted
 
 
 def test_the_kind_overlay_with_tensorflow_serving(cluster, tf_serving_image, gateway_image, reference, tmp_path):
