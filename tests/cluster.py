@@ -319,6 +319,33 @@ class ModelTraffic:
             assert time.monotonic() - started < timeout, f"after {timeout:.0f} s the shares are {shares}"
 
 
+class ContainerStops:
+    """How a namespace's containers of one name stop, as Docker records it while this watches: each pod's exit code
+    and the signals its container was sent. The kubelet (dockershim) stops a container with `docker stop`: SIGTERM,
+    then SIGKILL if the grace period runs out."""
+
+    def __init__(self, namespace: str, container: str):
+        labels = [f"label=io.kubernetes.pod.namespace={namespace}", f"label=io.kubernetes.container.name={container}"]
+        filters = ["type=container", "event=kill", "event=die", *labels]
+        command = ["docker", "events", "--format", "{{json .}}", *(f for one in filters for f in ("--filter", one))]
+        self._events = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, dict]:
+        """{pod: {"signals": [...], "exit_code": N or None}} for every container that was sent a signal or died."""
+        self._events.terminate()
+        shown, _ = self._events.communicate(timeout=30)
+        stops: dict[str, dict] = {}
+        for line in shown.splitlines():
+            event = json.loads(line)
+            attributes = event["Actor"]["Attributes"]
+            stop = stops.setdefault(attributes["io.kubernetes.pod.name"], {"signals": [], "exit_code": None})
+            if event["Action"] == "kill":
+                stop["signals"].append(int(attributes["signal"]))
+            else:
+                stop["exit_code"] = int(attributes["exitCode"])
+        return stops
+
+
 def failures_report(outcomes, since: float) -> str:
     failed = sorted((o for o in outcomes if o.status != 200), key=lambda o: o.started)
     kinds: dict[str, int] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 
@@ -26,6 +27,7 @@ from cluster import (
     KUBECTL,
     MODEL,
     Api,
+    ContainerStops,
     ModelTraffic,
     check_containers_as_declared,
     deploy,
@@ -181,18 +183,23 @@ def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas
 
 def test_a_rolling_update_of_the_gateway_under_load_answers_every_request(deployed):
     """kubectl rollout restart while clients post photos through the Service: the old pods leave the Service during
-    their preStop, then drain; every request gets its answer."""
+    their preStop, then drain; every request gets its answer, and each old gateway exits 0 on SIGTERM, with no
+    SIGKILL (Docker's record of its stop)."""
     namespace = deployed.namespace
     before = {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}
+    stops = ContainerStops(namespace, GATEWAY)
     load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=5000, max_seconds=300).start()
     wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
     kubectl("rollout", "restart", "-n", namespace, f"deployment/{GATEWAY}")
     rollout(namespace, GATEWAY)
     wait_for(lambda: not before & {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}, 120, "the old pods gone")
     outcomes = load.stop()
+    stopped = stops.stop()
     failed = [o for o in outcomes if o.status != 200]
-    print(f"rolling update under load: {len(outcomes)} requests, {len(failed)} not answered 200")
+    print(f"rolling update under load: {len(outcomes)} requests, {len(failed)} not answered 200; stops {stopped}")
     assert not failed, failed[:5]
+    assert before <= set(stopped), f"Docker recorded no stop of {before - set(stopped)}"
+    assert all(stopped[pod] == {"signals": [signal.SIGTERM], "exit_code": 0} for pod in before), stopped
 
 
 def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer_503(deployed):
