@@ -401,18 +401,18 @@ def test_a_hung_gateway_is_taken_out_of_the_service_and_restarted_by_its_livenes
         time.sleep(2)
     finally:
         outcomes = sorted(load.stop(), key=lambda o: o.started)
-    pod, status = container()
+    status = container()[1]
     print(f"hung gateway ({processes} processes): out of the Service after {out - hung:.0f} s, restarted after "
           f"{restarted - hung:.0f} s, Ready after {back - hung:.0f} s; {failures_report(outcomes, hung)}")  # fmt: skip
     unhealthy = kubectl_json("get", "events", "-n", namespace, "--field-selector",
                              f"involvedObject.name={name},reason=Unhealthy")["items"]  # fmt: skip
+    kubectl("delete", "pod", name, "-n", namespace)  # the tests after this one start with no restart counted
     assert any(e["message"].startswith("Liveness probe failed") for e in unhealthy), [e["message"] for e in unhealthy]
     assert status["lastState"]["terminated"]["exitCode"] == 137, status["lastState"]  # SIGKILL: it could not drain
     failed = [o for o in outcomes if o.status != 200]
     assert all(o.started < out + 1 for o in failed), failures_report(outcomes, hung)  # kube-proxy's sync: 1 s
     assert sum(o.started > out + 1 and o.ended < restarted for o in outcomes) >= 20, "little answered meanwhile"
     assert outcomes[-1].started > back, "the load ended before the gateway was back"
-    kubectl("delete", "pod", name, "-n", namespace)  # the next test starts with no restart counted
 
 
 def test_the_kind_overlay_with_tensorflow_serving(cluster, tf_serving_image, gateway_image, reference, tmp_path):
