@@ -29,15 +29,14 @@ def quick_run(model_base, photo_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     # The converted model is shared by both workers; a hard-linked copy gives this notebook's model servers
     # a path of their own, so the last test finds them and not another test's servers.
-    own_base = out / "model"
-    shutil.copytree(model_base, own_base, copy_function=os.link)
+    shutil.copytree(model_base, out / "model", copy_function=os.link)
     started = time.monotonic()
     papermill.execute_notebook(
         str(NOTEBOOKS / "03-grpc-experiments.ipynb"),
         str(out / "03-grpc-experiments.ipynb"),
         parameters={
             "mode": "quick",
-            "model_base_path": str(own_base),
+            "model_base_path": str(out / "model"),
             "dataset": str(photo_folder),
             "output_dir": str(out),
         },
@@ -45,7 +44,7 @@ def quick_run(model_base, photo_folder, tmp_path_factory):
         progress_bar=False,
     )
     print(f"notebook 03, quick mode: {time.monotonic() - started:.0f} s")
-    return out, json.loads((out / "results.json").read_text()), own_base
+    return out, json.loads((out / "results.json").read_text())
 
 
 def _leaves(value, path=""):
@@ -58,7 +57,7 @@ def _leaves(value, path=""):
 
 
 def test_every_experiment_has_positive_numbers_and_a_figure(quick_run):
-    out, results, _ = quick_run
+    out, results = quick_run
     assert set(results["experiments"]) == set(EXPERIMENTS)
     for name in EXPERIMENTS:
         experiment = results["experiments"][name]
@@ -73,7 +72,7 @@ def test_every_experiment_has_positive_numbers_and_a_figure(quick_run):
 
 
 def test_each_experiment_covers_what_it_compares(quick_run):
-    _, results, _ = quick_run
+    _, results = quick_run
     experiments = results["experiments"]
     assert set(experiments["encoding"]["numbers"]["encoders"]) == {
         "tensor_content (ours)",
@@ -97,7 +96,7 @@ def test_each_experiment_covers_what_it_compares(quick_run):
 
 
 def test_the_results_state_the_mode_and_the_cpu_budget(quick_run):
-    _, results, _ = quick_run
+    _, results = quick_run
     assert results["mode"] == "quick"
     assert results["machine"]["usable_cores"] >= 1 and results["machine"]["cpu"] and results["machine"]["date"]
     assert results["experiments"]["gateway_processes"]["cpu_cores"] == results["machine"]["usable_cores"]
@@ -105,7 +104,7 @@ def test_the_results_state_the_mode_and_the_cpu_budget(quick_run):
 
 
 def test_the_notebook_stops_the_model_servers_it_started(quick_run):
-    _, _, own_base = quick_run
+    own_base = quick_run[0] / "model"  # where quick_run put the notebook's copy of the model
 
     def serving_ours(process):
         try:
