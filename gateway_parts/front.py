@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent import futures
 
@@ -67,9 +68,16 @@ class Front:
             status, headers, answer = await self._answer(scope, receive, arrived)
         except _ClientGone:
             return
+        if self._draining() and not any(name == b"connection" for name, _ in headers):
+            # Keep-alive clients stay with this pod after it leaves the Service: this sends them to another.
+            headers = [*headers, (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
         self._log_access(scope, status, headers, len(answer), arrived)
+
+    def _draining(self) -> bool:
+        """Whether the pod is stopping: its preStop hook created the drain file (one stat a request)."""
+        return bool(self.settings.drain_file) and os.path.exists(self.settings.drain_file)
 
     async def _answer(self, scope, receive, arrived: float):
         head = {name: value for name, value in scope["headers"] if name in _HEAD_FIELDS}

@@ -47,6 +47,9 @@ class Settings:
     jpeg_draft: bool = True  # decode large JPEGs at a reduced scale, never below twice the model's input size
     max_inflight: int = 4  # requests doing work at once in one process (its threads); the others wait
     queue_budget: float = 1.0  # seconds from arrival a request may wait for a slot; past that it is shed (503)
+    # While this file exists, every answer closes its connection (k8s/base/gateway.yaml: its preStop hook creates
+    # it in the pod's own /tmp); empty: never.
+    drain_file: str = ""
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     @classmethod
@@ -69,5 +72,6 @@ class Settings:
             jpeg_draft=environ.get("GATEWAY_JPEG_DRAFT", "1").lower() not in _OFF,
             max_inflight=env_number(environ, "GATEWAY_MAX_INFLIGHT", cls.max_inflight, int, minimum=1),
             queue_budget=env_number(environ, "GATEWAY_QUEUE_BUDGET", cls.queue_budget),
+            drain_file=environ.get("GATEWAY_DRAIN_FILE", cls.drain_file),
             fetch=FetchPolicy.from_env(environ),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -444,23 +445,32 @@ def shed_count() -> float:
 GUNICORN_CONF = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
 
 
-@pytest.fixture
-def served_front(fake):
-    """A full front (see full_front) under uvicorn, as gunicorn.conf.py's worker configures it, on a free port."""
-    app = full_front(fake)
+@contextlib.contextmanager
+def serving(app: Front):
+    """`app` under uvicorn, as gunicorn.conf.py's worker configures it, on a free port (yielded)."""
     config = uvicorn.Config(app, **GUNICORN_CONF["GatewayWorker"].CONFIG_KWARGS, log_level="warning")
     server = uvicorn.Server(config)
     listener = socket.create_server(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield SimpleNamespace(app=app, port=listener.getsockname()[1])
-    server.should_exit = True
-    thread.join(10)
-    listener.close()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        yield listener.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+
+
+@pytest.fixture
+def served_front(fake):
+    """A full front (see full_front) under uvicorn, on a free port."""
+    app = full_front(fake)
+    with serving(app) as port:
+        yield SimpleNamespace(app=app, port=port)
 
 
 def read_answer(connection: socket.socket, buffer: bytearray) -> tuple[int, dict, bytes]:
@@ -549,3 +559,20 @@ def test_a_client_that_expects_100_continue_hears_it_then_its_answer(served_fron
         assert status == 503 and code_of(answer) == "overloaded"
         connection.sendall(http("GET", "/healthz"))
         assert read_answer(connection, buffer)[0] == 200
+
+
+def test_while_the_drain_file_exists_every_answer_closes_its_connection(fake, tmp_path):
+    """The gateway's preStop hook creates the drain file: from then on each answer says `Connection: close` and
+    the connection closes after it, so keep-alive clients (which stay with this pod after it left the Service)
+    reconnect, through the Service, to a pod that is not stopping, before SIGTERM closes idle connections."""
+    drain = tmp_path / "draining"
+    with serving(front(fake, drain_file=str(drain))) as port, socket.create_connection(("127.0.0.1", port), 10) as c:
+        buffer = bytearray()
+        c.sendall(http("GET", "/healthz"))
+        status, headers, _ = read_answer(c, buffer)
+        assert status == 200 and "connection" not in headers  # kept alive
+        drain.touch()
+        c.sendall(http("GET", "/healthz"))
+        status, headers, _ = read_answer(c, buffer)
+        assert status == 200 and headers["connection"] == "close"
+        assert c.recv(100) == b""  # closed by the server

@@ -86,8 +86,11 @@ def ports(item: dict) -> dict[str, int]:
 
 
 def prestop_sleep(item: dict) -> int:
+    """The seconds a container's preStop hook sleeps: `sleep N`, or a shell line that ends `exec sleep N`."""
     command = item["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
+    if command[:2] == ["sh", "-c"]:
+        command = command[2].rsplit("exec ", 1)[1].split()
+    assert command[0] == "sleep", command
     return int(command[1])
 
 
@@ -257,6 +260,18 @@ def test_gateway_readiness_does_not_follow_the_shared_model(target):
         startup["periodSeconds"] * startup["failureThreshold"]
         >= model_startup["periodSeconds"] * model_startup["failureThreshold"]
     )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_gateways_prestop_creates_the_drain_file_in_its_own_writable_tmp(target):
+    """From the start of its preStop, a gateway closes each connection after its answer (GATEWAY_DRAIN_FILE): the
+    hook creates that file, in the pod's own /tmp (an emptyDir: the root is read-only), before it sleeps."""
+    gateway = container(target, GATEWAY)
+    drain = env(gateway)["GATEWAY_DRAIN_FILE"]
+    assert gateway["lifecycle"]["preStop"]["exec"]["command"][:3] == ["sh", "-c", f"touch {drain} && exec sleep 10"]
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(target, GATEWAY)["volumes"]}
+    assert drain.startswith("/tmp/") and "emptyDir" in volumes[mounts["/tmp"]]
 
 
 @pytest.mark.parametrize("target", TARGETS)
