@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ import yaml
 
 import capabilities
 from conftest import ROOT
-from engine import PHOTO, Load, call, run, unique
+from engine import PHOTO, Load, access_log_statuses, call, run, unique
 
 # The two Deployments of the manifests.
 MODEL, GATEWAY = "clothing-model", "gateway"
@@ -344,6 +345,56 @@ class ContainerStops:
             else:
                 stop["exit_code"] = int(attributes["exitCode"])
         return stops
+
+
+class AccessLogs:
+    """Each of some pods' access log, streamed from now until its container ends (kubectl logs -f into a file), so
+    the lines of a pod deleted meanwhile are kept: which pod answered which request, and with what status."""
+
+    def __init__(self, namespace: str, pods: set[str], container: str):
+        self._folder = tempfile.TemporaryDirectory()
+        self._streams = {}
+        for pod in pods:
+            with open(Path(self._folder.name) / pod, "w") as file:
+                command = [KUBECTL, "logs", "-f", "-n", namespace, pod, "-c", container]
+                self._streams[pod] = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT)
+
+    def stop(self) -> dict[str, dict[str, str]]:
+        """{pod: {request id: status}}; a stream still open (its container still running) is ended here."""
+        answered = {}
+        for pod, stream in self._streams.items():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stream.wait(timeout=5)
+            stream.terminate()
+            stream.wait(timeout=30)
+            answered[pod] = access_log_statuses((Path(self._folder.name) / pod).read_text(errors="replace"))
+        self._folder.cleanup()
+        return answered
+
+
+class Deletions:
+    """When the deletion of each pod of a Deployment was first seen, polling the API (time.monotonic()): a request
+    sent after that was sent after the deletion began. The pod's own deletionTimestamp cannot say it: it is the
+    end of the grace period, to the second."""
+
+    def __init__(self, namespace: str, name: str, every: float = 0.1):
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                for pod in pods(namespace, name):
+                    if pod["metadata"].get("deletionTimestamp"):
+                        self.seen.setdefault(pod["metadata"]["name"], time.monotonic())
+                self._stop.wait(every)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return self.seen
 
 
 def failures_report(outcomes, since: float) -> str:

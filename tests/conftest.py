@@ -174,3 +174,15 @@ SLOW_FIRST = [
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Each phase's report kept on its test (item.stash[PHASES]), so a fixture's teardown can tell that the test
+    failed and show what explains it (test_cluster.py: the pods' last log lines)."""
+    report = yield
+    item.stash.setdefault(PHASES, {})[report.when] = report
+    return report
+
+
+PHASES = pytest.StashKey[dict]()

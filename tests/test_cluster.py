@@ -26,8 +26,10 @@ from cluster import (
     GATEWAY,
     KUBECTL,
     MODEL,
+    AccessLogs,
     Api,
     ContainerStops,
+    Deletions,
     ModelTraffic,
     check_containers_as_declared,
     deploy,
@@ -48,7 +50,7 @@ from cluster import (
     service_addresses,
     wait_for,
 )
-from conftest import ROOT, execute_notebook, tagged_result
+from conftest import PHASES, ROOT, execute_notebook, tagged_result
 from engine import PHOTO, Load, call, host_address, unique
 from servers import free_port
 
@@ -70,6 +72,7 @@ def settled(request):
     left out (-k, --lf, another order): one model replica, the HPA's two gateways, every pod Ready and no gateway
     stopping. After the test before it put things back, this only looks."""
     if "deployed" not in request.fixturenames:
+        yield
         return
     namespace = request.getfixturevalue("deployed").namespace
     scale(namespace, MODEL, 1)
@@ -80,6 +83,20 @@ def settled(request):
         return len(gateways) == 2 and all(ready(p) for p in gateways)
 
     wait_for(two_gateways_ready, 180, "two gateways Ready and none stopping", 0.5)
+    yield
+    called = request.node.stash.get(PHASES, {}).get("call")
+    if called and called.failed:
+        show_logs(namespace)
+
+
+def show_logs(namespace: str, lines: int = 40) -> None:
+    """For the report of a test that failed: each live pod's last log lines, but the 200s and probes of the access
+    log."""
+    for name in (GATEWAY, MODEL):
+        for pod in pods(namespace, name):
+            shown = kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--tail=5000", check=False).splitlines()
+            kept = [line for line in shown if not re.search(r'"(POST /predict|GET /\w+) HTTP/1\.1" 200 ', line)]
+            print(f"--- {pod['metadata']['name']}: its last {lines} log lines but 200s ---", *kept[-lines:], sep="\n")
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------
@@ -181,15 +198,18 @@ def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas
     assert len(grown) == 2 and all(0.45 <= g / sum(grown) <= 0.55 for g in grown), grown
 
 
-def test_a_rolling_update_of_the_gateway_under_load_answers_every_request(deployed):
-    """kubectl rollout restart while clients post photos through the Service: the old pods leave the Service during
-    their preStop, then drain; every request gets its answer, and each old gateway exits 0 on SIGTERM, with no
-    SIGKILL (Docker's record of its stop)."""
+def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_request(deployed):
+    """kubectl rollout restart of the gateways while 8 clients post photos through the Service, each on a keep-alive
+    connection, which stays with its pod after the pod leaves the Service. Each old gateway answers requests sent
+    after its deletion began (in its preStop, its drain file closing each connection after its answer), every
+    request is answered 200, and each old gateway exits 0 on SIGTERM, with no SIGKILL (Docker's record)."""
     namespace = deployed.namespace
     before = {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}
-    stops = ContainerStops(namespace, GATEWAY)
-    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=300).start()
+    stops, logs = ContainerStops(namespace, GATEWAY), AccessLogs(namespace, before, GATEWAY)
+    load = Load([f"{deployed.url}/predict"], PHOTO, clients=8, max_requests=100_000, max_seconds=300, keep_alive=True)
+    load.start()
     wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+    deletions = Deletions(namespace, GATEWAY)
     restarted = time.monotonic()
     kubectl("rollout", "restart", "-n", namespace, f"deployment/{GATEWAY}")
     rollout(namespace, GATEWAY)
@@ -197,11 +217,20 @@ def test_a_rolling_update_of_the_gateway_under_load_answers_every_request(deploy
     gone = time.monotonic()
     time.sleep(2)
     outcomes = sorted(load.stop(), key=lambda o: o.started)
-    stopped = stops.stop()
+    stopped, answered, deleted = stops.stop(), logs.stop(), deletions.stop()
+    sent = {o.request_id: o.started for o in outcomes}
+    late = {  # each old pod's 200s to requests sent after its deletion was seen
+        pod: sum(status == "200" and sent.get(rid, 0) > deleted.get(pod, float("inf")) for rid, status in ids.items())
+        for pod, ids in answered.items()
+    }
     report = failures_report(outcomes, restarted)
-    print(f"gateway rollout under load: {report}; old pods gone after {gone - restarted:.0f} s; stops {stopped}")
+    print(
+        f"gateway rollout under keep-alive load: {report}; old pods gone after {gone - restarted:.0f} s; answered "
+        f"after their deletion began {late}; stops {stopped}"
+    )
     assert outcomes[-1].ended > gone, "the load ended before the rollout did"
     assert all(o.status == 200 for o in outcomes), report
+    assert before <= set(deleted) and all(late[pod] for pod in before), f"deletion seen {deleted}, then {late}"
     assert before <= set(stopped), f"Docker recorded no stop of {before - set(stopped)}"
     assert all(stopped[pod] == {"signals": [signal.SIGTERM], "exit_code": 0} for pod in before), stopped
 
