@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ import yaml
 
 import capabilities
 from conftest import ROOT
-from engine import PHOTO, Load, access_log_statuses, call, run, unique
+from engine import PHOTO, Load, Outcome, access_log_statuses, call, run, unique
 
 # The two Deployments of the manifests.
 MODEL, GATEWAY = "clothing-model", "gateway"
@@ -330,18 +331,21 @@ class ContainerStops:
         filters = ["type=container", "event=kill", "event=die", *labels]
         command = ["docker", "events", "--format", "{{json .}}", *(f for one in filters for f in ("--filter", one))]
         self._events = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.first_signal: dict[str, float] = {}  # pod: when its container was first sent a signal (time.monotonic())
 
     def stop(self) -> dict[str, dict]:
         """{pod: {"signals": [...], "exit_code": N or None}} for every container that was sent a signal or died."""
         self._events.terminate()
         shown, _ = self._events.communicate(timeout=30)
+        monotonic_minus_wall = time.monotonic() - time.time()
         stops: dict[str, dict] = {}
         for line in shown.splitlines():
             event = json.loads(line)
-            attributes = event["Actor"]["Attributes"]
-            stop = stops.setdefault(attributes["io.kubernetes.pod.name"], {"signals": [], "exit_code": None})
+            attributes, pod = event["Actor"]["Attributes"], event["Actor"]["Attributes"]["io.kubernetes.pod.name"]
+            stop = stops.setdefault(pod, {"signals": [], "exit_code": None})
             if event["Action"] == "kill":
                 stop["signals"].append(int(attributes["signal"]))
+                self.first_signal.setdefault(pod, event["timeNano"] / 1e9 + monotonic_minus_wall)
             else:
                 stop["exit_code"] = int(attributes["exitCode"])
         return stops
@@ -359,17 +363,43 @@ class AccessLogs:
                 command = [KUBECTL, "logs", "-f", "-n", namespace, pod, "-c", container]
                 self._streams[pod] = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT)
 
+    def peek(self) -> dict[str, dict[str, str]]:
+        """{pod: {request id: status}} so far."""
+        return {
+            pod: access_log_statuses((Path(self._folder.name) / pod).read_text(errors="replace"))
+            for pod in self._streams
+        }
+
     def stop(self) -> dict[str, dict[str, str]]:
         """{pod: {request id: status}}; a stream still open (its container still running) is ended here."""
-        answered = {}
-        for pod, stream in self._streams.items():
+        for stream in self._streams.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stream.wait(timeout=5)
             stream.terminate()
             stream.wait(timeout=30)
-            answered[pod] = access_log_statuses((Path(self._folder.name) / pod).read_text(errors="replace"))
+        answered = self.peek()
         self._folder.cleanup()
         return answered
+
+
+def trickled(url: str, body: bytes, seconds: float) -> Outcome:
+    """A POST whose body is sent in 20 pieces over `seconds` (chunked), as from a client on a slow link: a request
+    that is surely in flight for that long."""
+    request_id = uuid.uuid4().hex
+
+    def pieces():
+        size = -(-len(body) // 20)
+        for start in range(0, len(body), size):
+            yield body[start : start + size]
+            time.sleep(seconds / 20)
+
+    started = time.monotonic()
+    headers = {"Content-Type": "image/jpeg", "X-Request-ID": request_id}
+    try:
+        response = requests.post(url, data=pieces(), headers=headers, timeout=seconds + 30)
+        return Outcome(started, time.monotonic(), url, response.status_code, "", request_id, response.text[:200])
+    except requests.RequestException as error:
+        return Outcome(started, time.monotonic(), url, None, f"{type(error).__name__}: {error}"[:200], request_id)
 
 
 class Deletions:
@@ -412,11 +442,30 @@ def failures_report(outcomes, since: float) -> str:
 DISCOVERY_SECONDS = 30 + 2 + 3
 
 
-def keep_alive_load(deployed) -> Load:
-    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=600, keep_alive=True)
+def keep_alive_load(deployed, clients: int = 4) -> Load:
+    load = Load(
+        [f"{deployed.url}/predict"], PHOTO, clients=clients, max_requests=100_000, max_seconds=600, keep_alive=True
+    )
     load.start()
     wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
     return load
+
+
+def keep_alive_on_each(deployed, logs: AccessLogs, clients: int, tries: int = 5) -> Load:
+    """A keep-alive load through the gateway Service with connections on each pod `logs` follows. Each connection
+    stays with the pod kube-proxy sent it to, and all may land on one (1 time in 128 for 8 clients on 2 pods): then
+    the load starts again on new connections (its answers so far must all be 200)."""
+    for _ in range(tries):
+        load = keep_alive_load(deployed, clients)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ours = {o.request_id for o in list(load.outcomes)}
+            if all(ours & set(answered) for answered in logs.peek().values()):
+                return load
+            time.sleep(0.2)
+        outcomes = load.stop()
+        assert all(o.status == 200 for o in outcomes), failures_report(outcomes, outcomes[0].started)
+    raise AssertionError(f"{tries} times, the load's {clients} connections did not reach every pod")
 
 
 def model_addresses(gateway_url: str) -> float | None:

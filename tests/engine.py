@@ -636,6 +636,7 @@ class Outcome:
     error: str = ""  # the connection error, or the gateway's error code
     request_id: str = ""  # sent as X-Request-ID; the gateway logs it with every request it handles
     detail: str = ""  # the gateway's error message
+    closed: bool = False  # the answer said Connection: close (a draining or stopping gateway's does)
 
     @property
     def refused(self) -> bool:
@@ -718,7 +719,10 @@ class Load:
             try:
                 response = session.post(url, data=self.body, headers=headers, timeout=30)
                 code, message = ("", "") if response.ok else _error_of(response)
-                outcome = Outcome(started, time.monotonic(), url, response.status_code, code, request_id, message)
+                closed = response.headers.get("Connection", "").lower() == "close"
+                outcome = Outcome(
+                    started, time.monotonic(), url, response.status_code, code, request_id, message, closed
+                )
             except requests.RequestException as error:
                 outcome = Outcome(started, time.monotonic(), url, None, _root_cause(error), request_id)
             with self._lock:

@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -37,6 +38,7 @@ from cluster import (
     failures_report,
     frozen,
     keep_alive_load,
+    keep_alive_on_each,
     kubectl,
     kubectl_json,
     model_addresses,
@@ -48,6 +50,7 @@ from cluster import (
     rollout,
     scale,
     service_addresses,
+    trickled,
     wait_for,
 )
 from conftest import PHASES, ROOT, execute_notebook, tagged_result
@@ -200,16 +203,27 @@ def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas
 
 def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_request(deployed):
     """kubectl rollout restart of the gateways while 8 clients post photos through the Service, each on a keep-alive
-    connection, which stays with its pod after the pod leaves the Service. Each old gateway answers requests sent
-    after its deletion began (in its preStop, its drain file closing each connection after its answer), every
-    request is answered 200, and each old gateway exits 0 on SIGTERM, with no SIGKILL (Docker's record)."""
+    connection, which stays with its pod after the pod leaves the Service. Each old gateway:
+    - answers requests of that load in its preStop, each answer closing its connection (its drain file), so that
+      none of the load's requests sent in the 5 s before its SIGTERM goes to it;
+    - answers a slow upload, sent to it once its deletion was seen, that it was still receiving when SIGTERM came;
+    - exits 0 on SIGTERM, with no SIGKILL (Docker's record).
+    Every request is answered 200."""
     namespace = deployed.namespace
-    before = {p["metadata"]["name"] for p in pods(namespace, GATEWAY)}
+    address = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods(namespace, GATEWAY)}
+    before = set(address)
     stops, logs = ContainerStops(namespace, GATEWAY), AccessLogs(namespace, before, GATEWAY)
-    load = Load([f"{deployed.url}/predict"], PHOTO, clients=8, max_requests=100_000, max_seconds=300, keep_alive=True)
-    load.start()
-    wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
-    deletions = Deletions(namespace, GATEWAY)
+    load = keep_alive_on_each(deployed, logs, clients=8)
+    deletions, slow = Deletions(namespace, GATEWAY), {}
+
+    def upload_through_sigterm(pod: str) -> None:
+        # Sent straight to the pod once its deletion is seen, the body taking longer than its 10 s preStop.
+        wait_for(lambda: pod in deletions.seen, 180, f"the deletion of {pod}", every=0.05)
+        slow[pod] = trickled(f"http://{address[pod]}:9696/predict", PHOTO, seconds=14)
+
+    uploads = [threading.Thread(target=upload_through_sigterm, args=(pod,)) for pod in before]
+    for upload in uploads:
+        upload.start()
     restarted = time.monotonic()
     kubectl("rollout", "restart", "-n", namespace, f"deployment/{GATEWAY}")
     rollout(namespace, GATEWAY)
@@ -217,22 +231,36 @@ def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_req
     gone = time.monotonic()
     time.sleep(2)
     outcomes = sorted(load.stop(), key=lambda o: o.started)
-    stopped, answered, deleted = stops.stop(), logs.stop(), deletions.stop()
-    sent = {o.request_id: o.started for o in outcomes}
-    late = {  # each old pod's 200s to requests sent after its deletion was seen
-        pod: sum(status == "200" and sent.get(rid, 0) > deleted.get(pod, float("inf")) for rid, status in ids.items())
-        for pod, ids in answered.items()
+    for upload in uploads:
+        upload.join(timeout=60)
+    deletions.stop()
+    stopped, answered = stops.stop(), logs.stop()
+    sigterm = {pod: stops.first_signal.get(pod, float("inf")) for pod in before}
+    sent = {o.request_id: o for o in outcomes}
+    drained, late = {}, {}  # each old pod: answers that closed their connection; requests sent in its last 5 s
+    for pod in before:
+        mine = [sent[rid] for rid in answered[pod] if rid in sent]
+        drained[pod] = sum(o.status == 200 and o.closed and o.started < sigterm[pod] for o in mine)
+        late[pod] = sum(o.started > sigterm[pod] - 5 for o in mine)
+    through = {  # each slow upload: its status, and when it started and ended, from its pod's SIGTERM
+        pod: (o.status, round(o.started - sigterm[pod], 1), round(o.ended - sigterm[pod], 1), o.error or o.detail[:40])
+        for pod, o in slow.items()
     }
     report = failures_report(outcomes, restarted)
     print(
-        f"gateway rollout under keep-alive load: {report}; old pods gone after {gone - restarted:.0f} s; answered "
-        f"after their deletion began {late}; stops {stopped}"
+        f"gateway rollout under keep-alive load: {report}; old pods gone after {gone - restarted:.0f} s; each old "
+        f"pod's answers closing their connection before SIGTERM {drained}, requests of the load sent in its last 5 s "
+        f"{late}; slow uploads (status, from and to SIGTERM) {through}; stops {stopped}"
     )
     assert outcomes[-1].ended > gone, "the load ended before the rollout did"
     assert all(o.status == 200 for o in outcomes), report
-    assert before <= set(deleted) and all(late[pod] for pod in before), f"deletion seen {deleted}, then {late}"
     assert before <= set(stopped), f"Docker recorded no stop of {before - set(stopped)}"
     assert all(stopped[pod] == {"signals": [signal.SIGTERM], "exit_code": 0} for pod in before), stopped
+    assert all(drained[pod] for pod in before), f"no answer of the load closed its connection in a preStop: {drained}"
+    assert not any(late.values()), f"keep-alive clients still on a stopping pod in its last 5 s before SIGTERM: {late}"
+    assert set(slow) == before and all(
+        slow[pod].status == 200 and slow[pod].started < sigterm[pod] < slow[pod].ended for pod in before
+    ), through
 
 
 def test_with_the_model_tier_at_zero_the_gateways_stay_in_the_service_and_answer_503(deployed):
