@@ -366,12 +366,12 @@ def test_the_gpu_overlays_model_waits_for_a_gpu_and_schedules_once_the_node_has_
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_rollout_of_the_model_tier_under_keep_alive_load_loses_nothing(deployed, replicas):
     """kubectl rollout restart of the model tier while clients post photos through the gateway Service, each on a
-    keep-alive connection: every request is answered 200, before, during and after the rollout."""
+    keep-alive connection: every request is answered 200, before, during and after the rollout, and each old model
+    server exits 0 on SIGTERM, with no SIGKILL (Docker's record)."""
     namespace = deployed.namespace
     scale(namespace, MODEL, replicas)
-    load = Load([f"{deployed.url}/predict"], PHOTO, clients=4, max_requests=100_000, max_seconds=600, keep_alive=True)
-    load.start()
-    wait_for(lambda: load.count() >= 20, 60, "the first answers", every=0.1)
+    stops = ContainerStops(namespace, MODEL)
+    load = keep_alive_load(deployed)
     old = model_pods(namespace)
     restarted = time.monotonic()
     kubectl("rollout", "restart", "-n", namespace, f"deployment/{MODEL}")
@@ -380,11 +380,15 @@ def test_a_rollout_of_the_model_tier_under_keep_alive_load_loses_nothing(deploye
     gone = time.monotonic()
     time.sleep(3)
     outcomes = sorted(load.stop(), key=lambda o: o.started)
+    stopped = stops.stop()
     try:
         report = failures_report(outcomes, restarted)
-        print(f"model rollout, {replicas} replica(s): {report}; old pods gone after {gone - restarted:.0f} s")
+        print(
+            f"model rollout, {replicas} replica(s): {report}; old pods gone after {gone - restarted:.0f} s; {stopped}"
+        )
         assert outcomes[-1].ended > gone, "the load ended before the rollout did"
         assert all(o.status == 200 for o in outcomes), report
+        assert all(stopped.get(pod) == {"signals": [signal.SIGTERM], "exit_code": 0} for pod in old), stopped
     finally:
         scale(namespace, MODEL, 1)
 
