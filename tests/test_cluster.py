@@ -219,7 +219,7 @@ def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_req
     def upload_through_sigterm(pod: str) -> None:
         # Sent straight to the pod once its deletion is seen, the body taking longer than its 10 s preStop.
         wait_for(lambda: pod in deletions.seen, 180, f"the deletion of {pod}", every=0.05)
-        slow[pod] = trickled(f"http://{address[pod]}:9696/predict", PHOTO, seconds=14)
+        slow[pod] = trickled(f"http://{address[pod]}:9696/predict", PHOTO, seconds=18)
 
     uploads = [threading.Thread(target=upload_through_sigterm, args=(pod,)) for pod in before]
     for upload in uploads:
