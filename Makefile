@@ -103,7 +103,7 @@ LOCAL_STACK_PORTS = --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --gateway-
 
 .PHONY: train trained-model
 
-train: $(ENV_STAMP) ## Train the small offline model on the course's photos (notebook 00: 8-33 min on 2 cores; CLOTHING_DATASET=folder)
+train: $(ENV_STAMP) ## Train the small offline model on the course's photos (notebook 00: 17 min on 2 Xeon cores; CLOTHING_DATASET=folder)
 	@mkdir -p build/notebooks
 	@$(RUN) papermill notebooks/00-train-a-small-model.ipynb build/notebooks/00-train-a-small-model.ipynb --cwd . \
 	  -p dataset_dir "$(CLOTHING_DATASET)" -p output_h5 $(TRAINED_H5) --log-output --no-progress-bar || { \
