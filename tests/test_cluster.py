@@ -73,7 +73,8 @@ def deployed(cluster, gateway_image, litert_image, tmp_path_factory):
 def settled(request):
     """Before each test of the module's deployment, the state it starts from, whichever tests ran before it or were
     left out (-k, --lf, another order): one model replica, the HPA's two gateways, every pod Ready and no gateway
-    stopping. After the test before it put things back, this only looks."""
+    stopping. After the test before it put things back, this only looks. After a test that failed, it prints the
+    pods' last log lines for its report."""
     if "deployed" not in request.fixturenames:
         yield
         return
@@ -93,8 +94,8 @@ def settled(request):
 
 
 def show_logs(namespace: str, lines: int = 40) -> None:
-    """For the report of a test that failed: each live pod's last log lines, but the 200s and probes of the access
-    log."""
+    """For the report of a test that failed: each of the namespace's pods' last log lines, but the 200s and probes
+    of the access log."""
     for name in (GATEWAY, MODEL):
         for pod in pods(namespace, name):
             shown = kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--tail=5000", check=False).splitlines()
