@@ -186,7 +186,8 @@ def test_the_headless_service_spreads_one_gateways_calls_over_two_model_replicas
     kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(pod))
     try:
         wait_for(lambda: ready(kubectl_json("get", "pod", "gateway-one-worker", "-n", namespace)), 300, "the pod")
-        url = f"http://{kubectl_json('get', 'pod', 'gateway-one-worker', '-n', namespace)['status']['podIP']}:9696"
+        address = kubectl_json("get", "pod", "gateway-one-worker", "-n", namespace)["status"]["podIP"]
+        url = f"http://{address}:{contract.GATEWAY_PORT}"
         # Its DNS answer may be one the cache kept from before the second replica was Ready.
         wait_for(lambda: model_addresses(url) == 2, DISCOVERY_SECONDS, "the gateway to know both replicas", 0.5)
         traffic = ModelTraffic(namespace)
@@ -220,7 +221,7 @@ def test_a_rolling_update_of_the_gateway_under_keep_alive_load_answers_every_req
     def upload_through_sigterm(pod: str) -> None:
         # Sent straight to the pod once its deletion is seen, the body taking longer than its 10 s preStop.
         wait_for(lambda: pod in deletions.seen, 180, f"the deletion of {pod}", every=0.05)
-        slow[pod] = trickled(f"http://{address[pod]}:9696/predict", PHOTO, seconds=18)
+        slow[pod] = trickled(f"http://{address[pod]}:{contract.GATEWAY_PORT}/predict", PHOTO, seconds=18)
 
     uploads = [threading.Thread(target=upload_through_sigterm, args=(pod,)) for pod in before]
     for upload in uploads:
